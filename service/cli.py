@@ -1,0 +1,43 @@
+"""The `fermam` command: one entry point, subcommands implemented in their own modules.
+
+Each subcommand module exposes ``main(argv: list[str]) -> int`` and builds its own argument
+parser, so adding a command never touches another's options and `fermam --help` stays fast
+(modules are imported only when their command runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.serve", "run the HTTP service"),
+    "train": ("model.train", "train FERMam (or its landmark branch)"),
+    "eval": ("model.evaluate", "evaluate weights on an npz split"),
+    "complexity": ("model.complexity", "parameters and MACs per module"),
+    "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fermam <command> [options]", "", "commands:"]
+    lines += [f"  {name:<18}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n`fermam <command> --help` shows a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"fermam: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
