@@ -1,0 +1,69 @@
+"""Download face-alignment's S3FD detector and 2DFAN-4 landmark weights at image build time.
+
+The container runs with no network, and face-alignment would otherwise fetch these on first use.
+They go where torch.hub (and so face-alignment and our backend) look: ``$TORCH_HOME/hub/checkpoints``.
+Standard library only, so it runs in a bare stage whose cache survives code changes. The file
+names carry the first hex digits of each file's SHA-256 (torch.hub's convention); a download that
+does not match is deleted and the build fails. tests/deploy checks these URLs against the ones
+the installed face-alignment release uses, so an upgrade cannot silently change them.
+
+    python fetch_face_weights.py DEST_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import urllib.request
+from pathlib import Path
+
+# face_alignment 1.5.0: detection/sfd/sfd_detector.py models_urls["s3fd"] and
+# api.py models_urls["2DFAN-4"].
+FACE_ALIGNMENT_WEIGHTS: dict[str, str] = {
+    "s3fd": "https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth",
+    "2DFAN-4": "https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar",
+}
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+_CHUNK = 1 << 20
+
+
+def expected_sha256_prefix(url: str) -> str:
+    """The digest prefix torch.hub reads from a file name such as ``s3fd-619a316812.pth``."""
+    match = _HASH_IN_NAME.search(url.rsplit("/", 1)[-1])
+    if match is None:
+        raise ValueError(f"no SHA-256 prefix in the file name of {url}")
+    return match[1]
+
+
+def fetch(url: str, dest_dir: Path) -> Path:
+    """Download `url` into `dest_dir` under its own name; verify its digest prefix."""
+    target = dest_dir / url.rsplit("/", 1)[-1]
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:
+        while chunk := response.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    prefix = expected_sha256_prefix(url)
+    if not digest.hexdigest().startswith(prefix):
+        partial.unlink()
+        raise RuntimeError(f"{url}: SHA-256 {digest.hexdigest()} does not start with {prefix}")
+    partial.rename(target)
+    return target
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: fetch_face_weights.py DEST_DIR", file=sys.stderr)
+        return 2
+    dest_dir = Path(argv[0])
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    for name, url in FACE_ALIGNMENT_WEIGHTS.items():
+        path = fetch(url, dest_dir)
+        print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB, SHA-256 prefix verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,320 @@
+"""The generic dynamic batcher that both model stages use.
+
+Requests arrive one item at a time on the asyncio side; the device is fastest when it sees many
+items at once. `DynamicBatcher` sits between the two: callers `submit` items and await a future,
+one worker thread (the only thread that calls the batch function, hence the only one touching the
+device for that stage) takes up to `max_batch_size` items, waiting at most `max_queue_delay_ms`
+counted from the oldest queued item. Items keep queueing while a batch runs, so the next batch is
+already collected when the worker comes back (pipelining).
+
+It knows nothing of HTTP, torch or faces: items are any objects and the batch function any
+callable `list[T] -> list[R | BaseException]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherError(Exception):
+    """Base of the errors the batcher itself raises (as opposed to the batch function's)."""
+
+
+class QueueFull(BatcherError):
+    """The bounded queue has no room; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, stage: str, retry_after_s: float) -> None:
+        super().__init__(f"{stage} queue is full")
+        self.stage = stage
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(BatcherError):
+    """The item's deadline passed before its batch ran, so it was never computed."""
+
+
+class ShuttingDown(BatcherError):
+    """The batcher no longer accepts work, or stopped before it reached this item."""
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; the batcher calls them from its worker thread (or `submit` for depth)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], compute_s: float) -> None: ...
+
+    def skipped(self, reason: str, count: int) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        pass
+
+    def skipped(self, reason: str, count: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's answer together with where its time went (for response headers)."""
+
+    value: R
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Entry(Generic[T]):
+    item: T
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float
+    deadline: float | None
+    # Set from the event loop when the caller's future is cancelled (client went away).
+    cancelled: bool = field(default=False)
+
+
+def _deliver(future: asyncio.Future, value: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Collects items into batches and runs them on one dedicated worker thread."""
+
+    def __init__(
+        self,
+        batch_fn: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        name: str,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_queue_delay_ms < 0:
+            raise ValueError("max_queue_delay_ms must be >= 0")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._batch_fn = batch_fn
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._queue: deque[_Entry[T]] = deque()
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._running_batch = 0
+        self._thread: threading.Thread | None = None
+        # Exponential moving average of batch compute time, to suggest a Retry-After.
+        self._avg_batch_s = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread; submit is refused before this."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError(f"batcher {self.name!r} already started")
+            self._accepting = True
+            self._stopping = False
+            self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Refuse new items from now on; queued ones still run."""
+        with self._cond:
+            self._accepting = False
+
+    def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop accepting, let queued items finish within the timeout, fail the rest, join the worker.
+
+        Blocking; call it from a thread (or `await aclose()`), never from the event loop directly.
+        """
+        deadline = time.monotonic() + drain_timeout_s
+        with self._cond:
+            self._accepting = False
+            self._cond.notify_all()
+            while (self._queue or self._running_batch) and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        for entry in leftovers:
+            self._resolve(entry, None, ShuttingDown(f"{self.name}: stopped before this item ran"))
+        if leftovers:
+            self._observer.skipped("shutdown", len(leftovers))
+        self._observer.queue_depth(0)
+        if thread is not None:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
+        with self._cond:
+            self._thread = None
+
+    async def aclose(self, drain_timeout_s: float = 30.0) -> None:
+        """`close` without blocking the event loop (results still get delivered while draining)."""
+        await asyncio.to_thread(self.close, drain_timeout_s)
+
+    # -- asyncio front ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def retry_after_s(self) -> float:
+        """A rough time for the current queue to drain, at least one second."""
+        batches = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        return max(1.0, batches * (self._avg_batch_s + self.max_queue_delay_s))
+
+    def submit(self, item: T, deadline: float | None = None) -> asyncio.Future[Batched[R]]:
+        """Queue one item; the returned future resolves to its `Batched` result or its error.
+
+        `deadline` is a `time.monotonic()` instant after which the item is not worth computing.
+        Raises `QueueFull` or `ShuttingDown` immediately instead of queueing.
+        """
+        return self.submit_many([item], deadline)[0]
+
+    def submit_many(
+        self, items: Sequence[T], deadline: float | None = None
+    ) -> list[asyncio.Future[Batched[R]]]:
+        """Queue several items all-or-nothing, so a request is never half admitted."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        entries = [_Entry(item, loop.create_future(), loop, now, deadline) for item in items]
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown(f"{self.name} is not accepting work")
+            if len(self._queue) + len(entries) > self.max_queue_size:
+                raise QueueFull(self.name, self.retry_after_s)
+            self._queue.extend(entries)
+            depth = len(self._queue)
+            self._cond.notify_all()
+        self._observer.queue_depth(depth)
+        for entry in entries:
+            entry.future.add_done_callback(lambda fut, e=entry: self._on_done(fut, e))
+        return [entry.future for entry in entries]
+
+    @staticmethod
+    def _on_done(future: asyncio.Future, entry: _Entry) -> None:
+        if future.cancelled():
+            entry.cancelled = True
+
+    # -- worker thread ---------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Entry[T]] | None:
+        """Block until a batch is due (full, or the oldest item waited long enough); None to exit."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                due = self._queue[0].enqueued_at + self.max_queue_delay_s
+                remaining = due - time.monotonic()
+                if len(self._queue) >= self.max_batch_size or remaining <= 0 or not self._accepting:
+                    size = min(self.max_batch_size, len(self._queue))
+                    batch = [self._queue.popleft() for _ in range(size)]
+                    self._running_batch = len(batch)
+                    depth = len(self._queue)
+                    break
+                self._cond.wait(timeout=remaining)
+        self._observer.queue_depth(depth)
+        return batch
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._running_batch = 0
+                    self._cond.notify_all()
+
+    def _run(self, batch: list[_Entry[T]]) -> None:
+        started = time.monotonic()
+        live: list[_Entry[T]] = []
+        expired = cancelled = 0
+        for entry in batch:
+            if entry.cancelled or entry.future.cancelled():
+                cancelled += 1
+            elif entry.deadline is not None and started >= entry.deadline:
+                expired += 1
+                self._resolve(entry, None, DeadlineExceeded(f"{self.name}: deadline passed while queued"))
+            else:
+                live.append(entry)
+        if cancelled:
+            self._observer.skipped("cancelled", cancelled)
+        if expired:
+            self._observer.skipped("deadline", expired)
+        if not live:
+            return
+
+        outcomes = self._call(live)
+        compute_s = time.monotonic() - started
+        self._avg_batch_s = compute_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * compute_s
+        self._observer.batch_done(len(live), [started - e.enqueued_at for e in live], compute_s)
+        for entry, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self._resolve(entry, None, outcome)
+            else:
+                self._resolve(
+                    entry, Batched(outcome, started - entry.enqueued_at, compute_s, len(live)), None
+                )
+
+    def _call(self, live: list[_Entry[T]]) -> list[R | BaseException]:
+        """Run the batch; if it raises as a whole, rerun items one by one to find the culprit."""
+        items = [entry.item for entry in live]
+        try:
+            outcomes = list(self._batch_fn(items))
+            if len(outcomes) != len(items):
+                raise RuntimeError(
+                    f"{self.name}: batch function returned {len(outcomes)} results for {len(items)} items"
+                )
+            return outcomes
+        except Exception as batch_error:  # noqa: BLE001 - isolate, then report per item
+            if len(items) == 1:
+                return [batch_error]
+        singles: list[R | BaseException] = []
+        for item in items:
+            try:
+                (outcome,) = self._batch_fn([item])
+                singles.append(outcome)
+            except Exception as item_error:  # noqa: BLE001
+                singles.append(item_error)
+        return singles
+
+    @staticmethod
+    def _resolve(entry: _Entry, value: object, error: BaseException | None) -> None:
+        # The event loop may already be closed if its owner went away; nobody is waiting then.
+        with contextlib.suppress(RuntimeError):
+            entry.loop.call_soon_threadsafe(_deliver, entry.future, value, error)

@@ -1,0 +1,122 @@
+"""dlib backend: HOG frontal-face detector + the 68-point shape predictor, no downloads needed.
+
+The predictor ships inside the `face-recognition-models` package (see docs/face-models.md for
+its licence: trained on iBUG 300-W, non-commercial terms).
+
+Detector score: the HOG SVM margin from `fhog_object_detector.run`; detections start at
+`adjust_threshold` (0.0 by default) and good frontal faces usually score 0.5 to 3.
+
+`upsample`: how many times the image is doubled before detection. HOG's window is 80x80 px, so
+with 0 the smallest face found is ~80 px, with 1 ~40 px, with 2 ~20 px; each doubling costs about
+4x the time. docs/face-models.md has the measured recall per setting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import dlib
+import numpy as np
+
+from service.engine.faces.base import (
+    NUM_LANDMARKS,
+    Box,
+    DetectedFace,
+    FaceBackend,
+    ImageFaces,
+    as_rgb_uint8,
+    per_image_min_sizes,
+    sort_and_filter,
+)
+
+PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+
+
+def bundled_models_dir() -> Path:
+    """The `models/` folder of face-recognition-models, found without importing the package.
+
+    Importing it fails on new setuptools (it imports pkg_resources), so locate it via its spec.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("face-recognition-models is not installed (pip install face-recognition-models)")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+class DlibFaceBackend(FaceBackend):
+    """HOG detection + dlib's 68-point regression-tree predictor, on the CPU."""
+
+    name = "dlib"
+
+    def __init__(
+        self,
+        *,
+        min_face_size: int = 20,
+        upsample: int = 1,
+        adjust_threshold: float = 0.0,
+        weights_dir: Path | None = None,
+    ) -> None:
+        if upsample < 0:
+            raise ValueError("upsample must be >= 0")
+        predictor_path = Path(weights_dir or bundled_models_dir()) / PREDICTOR_FILE
+        if not predictor_path.is_file():
+            raise FileNotFoundError(
+                f"dlib 68-point predictor not found: {predictor_path} "
+                f"(install face-recognition-models or put {PREDICTOR_FILE} in weights_dir)"
+            )
+        self.min_face_size = int(min_face_size)
+        self.upsample = int(upsample)
+        self.adjust_threshold = float(adjust_threshold)
+        self.predictor_path = predictor_path
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(predictor_path))
+        self._lock = threading.Lock()
+
+    def detect(
+        self, images: Sequence[np.ndarray], *, min_face_size: int | Sequence[int] | None = None
+    ) -> list[ImageFaces]:
+        min_sizes = per_image_min_sizes(len(images), self.min_face_size, min_face_size)
+        results: list[ImageFaces] = []
+        with self._lock:
+            # HOG has no batch mode: one image after another, each single-threaded, with no copy
+            # beyond making the array contiguous.
+            for image, min_size in zip(images, min_sizes, strict=True):
+                rgb = as_rgb_uint8(image)
+                rects, scores, _ = self._detector.run(rgb, self.upsample, self.adjust_threshold)
+                faces = [
+                    self._face_for_rect(rgb, rect, float(score), detected=True)
+                    for rect, score in zip(rects, scores, strict=True)
+                ]
+                results.append(sort_and_filter(faces, min_size))
+        return results
+
+    def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace]:
+        rgb = as_rgb_uint8(image)
+        with self._lock:
+            faces = []
+            for x, y, w, h in boxes:
+                if w <= 0 or h <= 0:
+                    raise ValueError(f"box must have positive width and height, got {(x, y, w, h)}")
+                rect = dlib.rectangle(
+                    int(round(x)), int(round(y)), int(round(x + w)) - 1, int(round(y + h)) - 1
+                )
+                face = self._face_for_rect(rgb, rect, 1.0, detected=False)
+                # Keep the caller's box exactly, not its integer rounding.
+                faces.append(
+                    DetectedFace((float(x), float(y), float(w), float(h)), 1.0, face.landmarks, False)
+                )
+        return faces
+
+    def _face_for_rect(
+        self, rgb: np.ndarray, rect: dlib.rectangle, score: float, *, detected: bool
+    ) -> DetectedFace:
+        shape = self._predictor(rgb, rect)
+        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        if points.shape != (NUM_LANDMARKS, 2):
+            raise RuntimeError(f"predictor returned {points.shape[0]} points, expected 68")
+        # dlib rectangles are inclusive: width = right - left + 1.
+        box = (float(rect.left()), float(rect.top()), float(rect.width()), float(rect.height()))
+        return DetectedFace(box, score, points, detected)

@@ -1,0 +1,474 @@
+"""The engine: decode -> stage 1 (faces, batched over images) -> align -> stage 2 (FERMam,
+batched over faces) -> results. Usable from Python without the web server (benchmarks drive it).
+
+Threads: decoding and alignment run in a small pool (CPU work that releases the GIL in PIL and
+numpy); each model stage has one batcher whose worker thread is the only caller of that stage's
+model. The asyncio side only awaits futures, so one slow group photo never blocks other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.config import FERMamConfig
+from service.engine.align import align_faces
+from service.engine.batcher import Batched, DeadlineExceeded, DynamicBatcher, QueueFull, ShuttingDown
+from service.engine.decode import DecodedImage, ImageDecodeError, decode_image
+from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("fermam.engine")
+
+DETECT_STAGE = "detect"
+CLASSIFY_STAGE = "classify"
+
+
+class NotReady(Exception):
+    """The engine is not started (or is stopping); the request should be retried elsewhere."""
+
+
+class InvalidRequest(ValueError):
+    """A request option the engine cannot honour (e.g. above a server limit)."""
+
+
+class ImageRejected(Exception):
+    """One image of a request could not be used; `cause` is the decoder's typed error."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(f"image {index}: {cause}")
+        self.index = index
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request choices; None means the server's default."""
+
+    detect: bool = True
+    max_faces: int | None = None
+    min_face_size: int | None = None
+    return_landmarks: bool = True
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    box: Box
+    score: float
+    detected: bool
+    landmarks: np.ndarray | None  # (68, 2) float32 in image pixels, or None when not requested
+    expression: str
+    scores: dict[str, float]
+    top: list[tuple[str, float]] | None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int
+    width: int
+    height: int
+    faces: list[FaceResult]
+    # Faces found but not reported: below min_face_size, or beyond max_faces.
+    skipped_small: int = 0
+    skipped_over_max: int = 0
+
+
+@dataclass
+class Timings:
+    """Seconds per stage for one request; queue/compute are the slowest item of each stage."""
+
+    decode_s: float = 0.0
+    detect_queue_s: float = 0.0
+    detect_s: float = 0.0
+    align_s: float = 0.0
+    classify_queue_s: float = 0.0
+    classify_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def queue_s(self) -> float:
+        return self.detect_queue_s + self.classify_queue_s
+
+    @property
+    def inference_s(self) -> float:
+        return self.detect_s + self.classify_s
+
+
+@dataclass
+class InferenceResult:
+    images: list[ImageResult]
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    input_size: int
+    colour_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    parameters: int
+    sha256: str
+    weights_path: str
+    dtype: str
+    device: str
+    face_backend: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _FaceQuery:
+    """A stage-1 item: detect faces in `image`, or only place landmarks in the given boxes."""
+
+    image: np.ndarray
+    min_face_size: int
+    boxes: tuple[Box, ...] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Engine:
+    """Faces and expressions for batches of encoded images; the whole product minus HTTP."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: ServiceMetrics | None = None,
+        face_backend: FaceBackend | None = None,
+    ) -> None:
+        """Load the weights and the face backend (blocking, seconds); `start` makes it serve.
+
+        `face_backend` lets several engines in one process (tests, benchmarks) share a backend.
+        """
+        self.settings = settings
+        self.metrics = metrics or ServiceMetrics()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        weights = Path(settings.weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"FERMam weights not found: {weights}")
+        model, metadata = load_checkpoint(weights, map_location="cpu")
+        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        self.config: FERMamConfig = model.config
+        self.class_names: tuple[str, ...] = tuple(self.config.class_names)
+        face_device = "cpu" if settings.face_backend == "dlib" else str(self.device)
+        self.face_backend = face_backend or create_face_backend(
+            settings.face_backend,
+            device=face_device,
+            min_face_size=settings.min_face_size,
+            detector=settings.detector,
+            weights_dir=settings.face_weights_dir,
+        )
+        meta = dict(metadata or {})
+        self.info = ModelInfo(
+            name=str(meta.get("name", "fermam")),
+            version=str(meta.get("version", "unversioned")),
+            class_names=self.class_names,
+            input_size=self.config.contract.input_size,
+            colour_mode=self.config.contract.colour_mode,
+            mean=tuple(self.config.contract.mean),
+            std=tuple(self.config.contract.std),
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            sha256=_sha256(weights),
+            weights_path=str(weights),
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            face_backend=self.face_backend.name,
+            metadata={k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)},
+        )
+        self.metrics.model_info.info(
+            {
+                "name": self.info.name,
+                "version": self.info.version,
+                "sha256": self.info.sha256[:16],
+                "device": self.info.device,
+                "dtype": self.info.dtype,
+                "face_backend": self.info.face_backend,
+            }
+        )
+        if self.device.type == "cuda":
+            self.metrics.track_device_memory(lambda: float(torch.cuda.memory_allocated(self.device)))
+        self._pool: ThreadPoolExecutor | None = None
+        self._detect: DynamicBatcher[_FaceQuery, ImageFaces] | None = None
+        self._classify: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
+        self.ready = False
+        self._warmed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Run both stages once so the first request pays no lazy initialisation (blocking)."""
+        if self._warmed:
+            return
+        self.face_backend.warmup()
+        size = self.config.contract.input_size
+        # On CUDA the full batch shape matters too (kernel selection, allocator); on CPU one
+        # forward pass initialises everything and a full batch would only cost start-up time.
+        sizes = {1, self.settings.classify_max_batch_size} if self.device.type == "cuda" else {1}
+        for batch in sorted(sizes):
+            self._classify_batch([torch.zeros(3, size, size) for _ in range(batch)])
+        self._warmed = True
+
+    async def start(self) -> None:
+        """Warm up, then start the decode pool and both batchers; `ready` turns true at the end."""
+        if self.ready:
+            return
+        await asyncio.to_thread(self.warm_up)
+        s = self.settings
+        self._pool = ThreadPoolExecutor(max_workers=s.decode_threads, thread_name_prefix="fermam-decode")
+        self._detect = DynamicBatcher(
+            self._detect_batch,
+            name=DETECT_STAGE,
+            max_batch_size=s.detect_max_batch_size,
+            max_queue_delay_ms=s.detect_max_queue_delay_ms,
+            max_queue_size=s.max_queue_size,
+            observer=self.metrics.stage(DETECT_STAGE),
+        )
+        self._classify = DynamicBatcher(
+            self._classify_batch,
+            name=CLASSIFY_STAGE,
+            max_batch_size=s.classify_max_batch_size,
+            max_queue_delay_ms=s.classify_max_queue_delay_ms,
+            max_queue_size=s.max_queue_size,
+            observer=self.metrics.stage(CLASSIFY_STAGE),
+        )
+        self._detect.start()
+        self._classify.start()
+        self.ready = True
+        log.info(
+            "engine ready: %s on %s (%s), faces by %s",
+            self.info.name,
+            self.device,
+            self.dtype,
+            self.info.face_backend,
+        )
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (readiness false) while in-flight ones continue."""
+        self.ready = False
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Finish queued work within the drain timeout, then release the threads."""
+        self.ready = False
+        timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        # Stage 1 drains first: what it finishes may still need stage 2.
+        if self._detect is not None:
+            await self._detect.aclose(timeout)
+        if self._classify is not None:
+            await self._classify.aclose(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._detect = self._classify = None
+        self._pool = None
+
+    @property
+    def queue_depths(self) -> dict[str, int]:
+        return {
+            DETECT_STAGE: self._detect.queue_depth if self._detect else 0,
+            CLASSIFY_STAGE: self._classify.queue_depth if self._classify else 0,
+        }
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def infer(
+        self, images: Sequence[bytes], options: RequestOptions | None = None, deadline: float | None = None
+    ) -> InferenceResult:
+        """Faces and expressions of every image, in order.
+
+        `deadline` is a `time.monotonic()` instant; past it the request fails with
+        `DeadlineExceeded` and its queued items are dropped. Raises `ImageRejected` (decode
+        errors, with the image index), `InvalidRequest`, `QueueFull`, `NotReady`.
+        """
+        options = options or RequestOptions()
+        if not self.ready or self._detect is None or self._classify is None or self._pool is None:
+            raise NotReady("the engine is not ready")
+        self._check_options(images, options)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._infer(images, options, deadline)
+        except TimeoutError:
+            self.metrics.reject("deadline")
+            raise DeadlineExceeded("the request's deadline passed") from None
+        except QueueFull:
+            self.metrics.reject("queue_full")
+            raise
+        except ShuttingDown as error:
+            raise NotReady(str(error)) from None
+
+    def _check_options(self, images: Sequence[bytes], options: RequestOptions) -> None:
+        s = self.settings
+        if not images:
+            raise InvalidRequest("no images in the request")
+        if len(images) > s.max_files:
+            raise InvalidRequest(f"{len(images)} images in one request; the limit is {s.max_files}")
+        if options.max_faces is not None and not 1 <= options.max_faces <= s.max_faces:
+            raise InvalidRequest(f"max_faces must be between 1 and {s.max_faces}")
+        if options.min_face_size is not None and options.min_face_size < 0:
+            raise InvalidRequest("min_face_size must be >= 0")
+        if options.top_k is not None and not 1 <= options.top_k <= len(self.class_names):
+            raise InvalidRequest(f"top_k must be between 1 and {len(self.class_names)}")
+
+    async def _infer(
+        self, images: Sequence[bytes], options: RequestOptions, deadline: float | None
+    ) -> InferenceResult:
+        assert self._detect is not None and self._classify is not None and self._pool is not None
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        timings = Timings()
+
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images))
+        )
+        timings.decode_s = time.monotonic() - started
+        self.metrics.images.inc(len(decoded))
+
+        min_size = self.settings.min_face_size if options.min_face_size is None else options.min_face_size
+        queries = [
+            _FaceQuery(
+                d.pixels, min_size, None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),)
+            )
+            for d in decoded
+        ]
+        stage1: list[Batched[ImageFaces]] = await asyncio.gather(*self._detect.submit_many(queries, deadline))
+        timings.detect_queue_s = max(r.queue_s for r in stage1)
+        timings.detect_s = max(r.compute_s for r in stage1)
+
+        max_faces = options.max_faces or self.settings.max_faces
+        kept = [list(r.value)[:max_faces] for r in stage1]
+        located = [(i, face) for i, faces in enumerate(kept) for face in faces]
+        probabilities: list[np.ndarray] = []
+        if located:
+            align_started = time.monotonic()
+            crops = await loop.run_in_executor(
+                self._pool,
+                align_faces,
+                [d.pixels for d in decoded],
+                [(i, face.landmarks) for i, face in located],
+                self.config.contract,
+            )
+            timings.align_s = time.monotonic() - align_started
+            stage2 = await asyncio.gather(*self._classify.submit_many(list(crops), deadline))
+            timings.classify_queue_s = max(r.queue_s for r in stage2)
+            timings.classify_s = max(r.compute_s for r in stage2)
+            probabilities = [r.value for r in stage2]
+
+        results = self._assemble(decoded, stage1, kept, located, probabilities, options)
+        timings.total_s = time.monotonic() - started
+        return InferenceResult(results, timings)
+
+    def _decode(self, index: int, data: bytes) -> DecodedImage:
+        s = self.settings
+        try:
+            return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+        except ImageDecodeError as error:  # mapped to 413 / 415 by the HTTP layer
+            self.metrics.reject(error.code)
+            raise ImageRejected(index, error) from error
+
+    def _assemble(
+        self,
+        decoded: Sequence[DecodedImage],
+        stage1: Sequence[Batched[ImageFaces]],
+        kept: Sequence[list[DetectedFace]],
+        located: Sequence[tuple[int, DetectedFace]],
+        probabilities: Sequence[np.ndarray],
+        options: RequestOptions,
+    ) -> list[ImageResult]:
+        per_image: list[list[FaceResult]] = [[] for _ in decoded]
+        for (index, face), probs in zip(located, probabilities, strict=True):
+            per_image[index].append(self._face_result(face, probs, options))
+        results = []
+        for index, (image, found, faces) in enumerate(zip(decoded, stage1, per_image, strict=True)):
+            self.metrics.faces_per_image.observe(len(faces))
+            results.append(
+                ImageResult(
+                    index=index,
+                    width=image.width,
+                    height=image.height,
+                    faces=faces,
+                    skipped_small=getattr(found.value, "skipped_small", 0),
+                    skipped_over_max=len(found.value) - len(kept[index]),
+                )
+            )
+        self.metrics.faces.inc(len(located))
+        return results
+
+    def _face_result(self, face: DetectedFace, probs: np.ndarray, options: RequestOptions) -> FaceResult:
+        scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
+        best = int(np.argmax(probs))
+        top = None
+        if options.top_k:
+            order = np.argsort(-probs, kind="stable")[: options.top_k]
+            top = [(self.class_names[i], float(probs[i])) for i in order]
+        return FaceResult(
+            box=tuple(float(v) for v in face.box),  # type: ignore[arg-type]
+            score=float(face.score),
+            detected=bool(face.detected),
+            landmarks=face.landmarks if options.return_landmarks else None,
+            expression=self.class_names[best],
+            scores=scores,
+            top=top,
+        )
+
+    # -- batch functions (run on the batchers' worker threads) ----------------------------------
+
+    def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
+        out: list[ImageFaces | BaseException] = [ImageFaces()] * len(queries)
+        to_detect = [i for i, q in enumerate(queries) if q.boxes is None]
+        if to_detect:
+            found = self.face_backend.detect(
+                [queries[i].image for i in to_detect],
+                min_face_size=[queries[i].min_face_size for i in to_detect],
+            )
+            for i, faces in zip(to_detect, found, strict=True):
+                out[i] = faces
+        for i, query in enumerate(queries):
+            if query.boxes is not None:
+                out[i] = ImageFaces(self.face_backend.landmarks_for_boxes(query.image, list(query.boxes)))
+        return out
+
+    @torch.inference_mode()
+    def _classify_batch(self, crops: list[torch.Tensor]) -> list[np.ndarray]:
+        batch = torch.stack(crops).to(device=self.device, dtype=self.dtype, non_blocking=True)  # (B, 3, S, S)
+        logits = self.model(batch)  # (B, classes)
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return list(probs)

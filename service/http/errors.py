@@ -1,0 +1,93 @@
+"""Every error the API returns is mapped here, in one place, to a status and a JSON body.
+
+Body: `{"error": {"code": "...", "message": "..."}}`. Client mistakes get 4xx with a message that
+says what to change; only our own bugs become 500, and those never leak a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.batcher import DeadlineExceeded, QueueFull
+from service.engine.decode import ImageTooLarge, NotAnImage
+from service.engine.pipeline import ImageRejected, InvalidRequest, NotReady
+
+log = logging.getLogger("fermam.http")
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself, already carrying its status and code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def to_api_error(error: BaseException) -> ApiError:
+    """Translate an engine or batcher exception into the API's vocabulary."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, ImageRejected):
+        cause = error.cause
+        if isinstance(cause, ImageTooLarge):
+            return ApiError(413, "too_large", str(error))
+        if isinstance(cause, NotAnImage):
+            return ApiError(415, "not_an_image", str(error))
+        return ApiError(415, "bad_image", str(error))
+    if isinstance(error, InvalidRequest):
+        return ApiError(422, "invalid_request", str(error))
+    if isinstance(error, QueueFull):
+        retry = str(max(1, math.ceil(error.retry_after_s)))
+        return ApiError(
+            429, "queue_full", f"the {error.stage} queue is full; retry later", {"Retry-After": retry}
+        )
+    if isinstance(error, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", "the request's deadline passed before it finished")
+    if isinstance(error, NotReady):
+        return ApiError(503, "not_ready", "the service is starting or shutting down; retry elsewhere")
+    return ApiError(500, "internal", "internal error; it was logged")
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body",)) or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.code, error.message, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _validation_message(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        api = to_api_error(error)
+        if api.status >= 500 and not isinstance(error, NotReady):
+            log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        return error_response(api.status, api.code, api.message, api.headers)

@@ -1,0 +1,122 @@
+"""Prometheus metrics of the service, on a registry of its own (base units, few label values).
+
+Buckets are chosen for what they measure: request durations span a cached CPU hit (~10 ms) to a
+crowded GPU queue (tens of seconds); batch compute is finer at the low end; batch sizes are
+powers of two because max_batch_size usually is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+QUEUE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COMPUTE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FACES_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 64)
+
+REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "too_large", "bad_image", "shutdown")
+
+
+class ServiceMetrics:
+    """All metric families of one service instance; tests and apps each get their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "fermam_request_duration_seconds",
+            "HTTP request duration, by route template and status code.",
+            ["route", "status"],
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.requests = Counter(
+            "fermam_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
+        )
+        self.in_flight = Gauge("fermam_requests_in_flight", "Requests being processed now.", registry=r)
+        self.queue_wait = Histogram(
+            "fermam_queue_wait_seconds",
+            "Time an item waited in a stage's queue before its batch ran.",
+            ["stage"],
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_compute = Histogram(
+            "fermam_batch_compute_seconds",
+            "Time one batch took in a stage's worker.",
+            ["stage"],
+            buckets=COMPUTE_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fermam_batch_size",
+            "Items per batch, by stage.",
+            ["stage"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "fermam_queue_depth", "Items waiting in a stage's queue.", ["stage"], registry=r
+        )
+        self.images = Counter("fermam_images", "Images decoded and processed.", registry=r)
+        self.faces = Counter("fermam_faces", "Faces classified.", registry=r)
+        self.faces_per_image = Histogram(
+            "fermam_faces_per_image", "Faces reported per image.", buckets=FACES_BUCKETS, registry=r
+        )
+        self.rejections = Counter(
+            "fermam_rejections", "Work refused or dropped, by reason.", ["reason"], registry=r
+        )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        self.model_info = Info("fermam_model", "The loaded model and face backend.", registry=r)
+        self.device_memory = Gauge(
+            "fermam_device_memory_bytes", "Memory allocated by torch on the model's device.", registry=r
+        )
+
+    def stage(self, name: str) -> StageMetrics:
+        """The batcher observer of one stage."""
+        return StageMetrics(self, name)
+
+    def track_device_memory(self, read_bytes: Callable[[], float]) -> None:
+        """Read device memory at scrape time rather than polling it."""
+        self.device_memory.set_function(read_bytes)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejections.labels(reason).inc(count)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class StageMetrics:
+    """Implements the batcher's observer protocol for one stage's metrics."""
+
+    def __init__(self, metrics: ServiceMetrics, stage: str) -> None:
+        self._metrics = metrics
+        self._queue_wait = metrics.queue_wait.labels(stage)
+        self._compute = metrics.batch_compute.labels(stage)
+        self._size = metrics.batch_size.labels(stage)
+        self._depth = metrics.queue_depth.labels(stage)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        self._size.observe(size)
+        self._compute.observe(compute_s)
+        for wait in queue_waits_s:
+            self._queue_wait.observe(wait)
+
+    def skipped(self, reason: str, count: int) -> None:
+        self._metrics.reject(reason, count)

@@ -1,0 +1,166 @@
+"""`fermam serve`: validate settings, load the engine, serve HTTP, drain on SIGTERM.
+
+Every `Settings` field is a flag here (`--detect-max-batch-size 16`), generated from the model so
+flags and environment variables never drift apart. Bad settings exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+log = logging.getLogger("fermam.serve")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fermam serve",
+        description="Run the expression service. Every flag is also an environment variable "
+        "FERMAM_<NAME> (e.g. --max-queue-size and FERMAM_MAX_QUEUE_SIZE); flags win.",
+    )
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if origin in (typing.Union, types.UnionType) and len(args) == 1:
+            annotation, origin = args[0], typing.get_origin(args[0])
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": field.description or ""}
+        if origin is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif annotation is bool:
+            kwargs["type"] = _bool
+            kwargs["metavar"] = "{true,false}"
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        elif origin is list:
+            kwargs["metavar"] = "A,B,..."
+        default = field.get_default(call_default_factory=True)
+        if default not in (None, []):
+            kwargs["help"] += f" [default: {default}]"
+        kwargs["help"] += f" (env FERMAM_{name.upper()})"
+        parser.add_argument(_flag(name), dest=name, **kwargs)
+    return parser
+
+
+def load_settings(argv: list[str]) -> Settings:
+    """Flags override environment variables; raises ValidationError with every problem."""
+    namespace = build_parser().parse_args(argv)
+    return Settings(**vars(namespace))
+
+
+def _one_line(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        message = item.get("msg", "invalid").removeprefix("Value error, ")
+        problems.append(f"{_flag(where) if where else 'settings'}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        settings = load_settings(argv)
+    except ValidationError as error:
+        print(f"fermam serve: invalid settings: {_one_line(error)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not Path(settings.weights).is_file():
+        print(
+            f"fermam serve: invalid settings: --weights: no such file {settings.weights} "
+            "(train one with `fermam train` or set FERMAM_WEIGHTS)",
+            file=sys.stderr,
+        )
+        return 2
+    # Heavy imports only once the settings are known to be good.
+    import uvicorn
+
+    from service.engine.pipeline import Engine
+    from service.http.app import create_app
+
+    try:
+        engine = Engine(settings)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"fermam serve: cannot load the models: {error}", file=sys.stderr)
+        return 1
+    app = create_app(settings, engine)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+    asyncio.run(server.serve())
+    return 0
+
+
+class DrainingServer:
+    """uvicorn's server with a drain phase: on the first SIGTERM/SIGINT readiness turns false and
+    new work gets 503 while the listener stays open (load balancers notice via /readyz); once
+    in-flight requests finish, or the drain timeout passes, uvicorn shuts down. A second signal
+    exits at once.
+    """
+
+    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+                outer._on_signal(sig)
+
+        self._server = _Server(config)
+        self._state = state
+        self._drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._server.serve()
+
+    def _on_signal(self, sig: int) -> None:
+        # Runs in the signal handler: only hand the work to the event loop.
+        if self._draining or self._loop is None:
+            self._server.should_exit = True
+            self._server.force_exit = True
+            return
+        self._draining = True
+        log.info("received %s: draining for up to %.0f s", signal.Signals(sig).name, self._drain_timeout_s)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        self._state.begin_drain()
+        finished = await self._state.wait_idle(self._drain_timeout_s)
+        if not finished:
+            log.warning("drain timeout: %d request(s) still in flight", self._state.in_flight)
+        self._server.should_exit = True

@@ -1,0 +1,124 @@
+"""The one settings object of the service: every field an environment variable and a CLI flag.
+
+Precedence: `fermam serve --flag` > `FERMAM_FIELD` environment variable > default.
+The flags of `fermam serve` are generated from these fields (see `service/serve.py`), so the two
+can never drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_weights() -> Path:
+    # Imported lazily: the model package may resolve its weights folder at import time.
+    try:
+        from model.weights import default_weights_path
+
+        return Path(default_weights_path())
+    except ImportError:
+        return Path(__file__).resolve().parents[1] / "model" / "weights" / "fermam-ferplus.safetensors"
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune; validated once at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FERMAM_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    # -- network ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Comma-separated keys; when set, /v1 routes need `Authorization: Bearer <key>` "
+        "or `X-API-Key: <key>`.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    # -- models ----------------------------------------------------------------------------------
+    device: str = Field(
+        "auto", description="Torch device for FERMam: auto (cuda if available), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="FERMam compute dtype: auto is float16 on CUDA and float32 on CPU."
+    )
+    weights: Path = Field(default_factory=_default_weights, description="FERMam safetensors checkpoint.")
+    face_backend: Literal["dlib", "face-alignment"] = Field(
+        "dlib", description="Face detection + 68 landmarks: dlib (CPU, offline) or face-alignment (GPU)."
+    )
+    face_weights_dir: Path | None = Field(
+        None, description="Folder with the face backend's weights (default: the backend's own)."
+    )
+    detector: Literal["sfd", "blazeface", "dlib"] = Field(
+        "sfd", description="face-alignment's face detector (ignored by the dlib backend)."
+    )
+    min_face_size: int = Field(20, ge=0, description="Default smallest face side, in pixels, reported.")
+    max_faces: int = Field(64, ge=1, description="Most faces classified per image (largest first).")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default).")
+
+    # -- batching --------------------------------------------------------------------------------
+    detect_max_batch_size: int = Field(8, ge=1, description="Stage 1 (faces): most images per batch.")
+    detect_max_queue_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Stage 1: longest wait for a batch to fill, from its first image."
+    )
+    classify_max_batch_size: int = Field(64, ge=1, description="Stage 2 (FERMam): most faces per batch.")
+    classify_max_queue_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Stage 2: longest wait for a batch to fill, from its first face."
+    )
+    max_queue_size: int = Field(
+        512, ge=1, description="Most items waiting per stage; beyond it requests get 429 + Retry-After."
+    )
+
+    # -- requests --------------------------------------------------------------------------------
+    max_image_bytes: int = Field(10 * 2**20, ge=1024, description="Largest encoded image, bytes (413).")
+    max_image_pixels: int = Field(40_000_000, ge=64 * 64, description="Largest decoded image, pixels (413).")
+    max_files: int = Field(16, ge=1, description="Most images in one request (413).")
+    default_timeout_ms: int = Field(
+        30_000, ge=1, description="Deadline of a request without a deadline header."
+    )
+    max_timeout_ms: int = Field(120_000, ge=1, description="Cap on the X-Request-Timeout-Ms header.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, time allowed for in-flight work.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding images (and aligning faces).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"auto", "cpu", "cuda"}:
+            return value
+        prefix, _, index = value.partition(":")
+        if prefix == "cuda" and index.isdigit():
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) exceeds "
+                f"max_timeout_ms ({self.max_timeout_ms})"
+            )
+        if any(len(key) < 8 for key in self.api_keys):
+            raise ValueError("api_keys must be at least 8 characters each")
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest request body: every file at its limit, base64's 4/3 growth, and form overhead."""
+        return self.max_files * self.max_image_bytes * 4 // 3 + 64 * 1024

@@ -1,0 +1,166 @@
+"""The Dockerfiles, read with BuildKit's own parser: what they copy exists and reaches the build
+context, the runtime stages are what the deployment relies on (non-root, health check on
+/readyz, offline start proven at build time), and their settings are valid service settings."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from deploy_helpers import FERMAM_PREFIX, REPO, dockerfile_commands, settings_fields
+
+CUDA_DOCKERFILE = REPO / "docker" / "Dockerfile"
+CPU_DOCKERFILE = REPO / "docker" / "Dockerfile.cpu"
+SHIPPED_WEIGHTS = "model/weights/fermam-ferplus.safetensors"
+
+
+class Stage:
+    """One build stage: its base, name, and instructions."""
+
+    def __init__(self, base: str, name: str | None) -> None:
+        self.base, self.name, self.commands = base, name, []
+
+    def values(self, instruction: str) -> list[tuple[str, ...]]:
+        return [c.value for c in self.commands if c.cmd == instruction]
+
+    def env(self) -> dict[str, str]:
+        """ENV key=value pairs of this stage (BuildKit gives them as a flat key, value list)."""
+        pairs: dict[str, str] = {}
+        for value in self.values("ENV"):
+            pairs.update(zip(value[0::2], value[1::2], strict=True))
+        return pairs
+
+
+def read_stages(path: Path) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with ${ARG} in FROM lines resolved."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for command in dockerfile_commands(path):
+        if command.cmd == "FROM":
+            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], command.value[0])
+            name = command.value[2] if len(command.value) == 3 and command.value[1].upper() == "AS" else None
+            stages.append(Stage(base, name))
+        elif not stages and command.cmd == "ARG":
+            name, _, default = command.value[0].partition("=")
+            global_args[name] = default
+        elif stages:
+            stages[-1].commands.append(command)
+    return global_args, stages
+
+
+def stage_args(stage: Stage) -> dict[str, str]:
+    args = {}
+    for value in stage.values("ARG"):
+        name, _, default = value[0].partition("=")
+        args[name] = default.strip('"')
+    return args
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip().lstrip("/") for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's .dockerignore pattern (Go filepath.Match plus `**`) as a regex."""
+    out = ""
+    for token in re.split(r"(\*\*/|\*\*|\*|\?)", pattern):
+        out += {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+    return re.compile(out + r"\Z")
+
+
+def excluded_from_context(relative_path: str) -> bool:
+    """Whether .dockerignore keeps this path (or a folder above it) out of the build context."""
+    parts = relative_path.strip("/").split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    patterns = [_ignore_regex(pattern) for pattern in _dockerignore_patterns()]
+    return any(pattern.match(prefix) for pattern in patterns for prefix in prefixes)
+
+
+@pytest.mark.parametrize("path", [CUDA_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
+def test_every_copied_path_exists_in_the_build_context(path) -> None:
+    sources = []
+    for command in dockerfile_commands(path):
+        if command.cmd in {"COPY", "ADD"} and not any(f.startswith("--from=") for f in command.flags):
+            sources += list(command.value[:-1])
+    assert sources, "no COPY found: parser or file changed"
+    for source in sources:
+        assert list(REPO.glob(source.rstrip("/"))), f"{path.name} copies missing {source}"
+        assert not excluded_from_context(source), f"{path.name} copies {source}, which .dockerignore drops"
+
+
+def test_dockerignore_keeps_the_shipped_weights_and_drops_local_state() -> None:
+    assert not (REPO / ".dockerignore").read_text().count("\n!"), "negations are not modelled by this test"
+    assert not excluded_from_context(SHIPPED_WEIGHTS)
+    assert not excluded_from_context("service/http/app.py")
+    local_state = (".venv/bin/python", ".git/HEAD", "service/__pycache__/cli.cpython-311.pyc", "runs/a/log")
+    for local in local_state:
+        assert excluded_from_context(local), local
+
+
+def test_cuda_image_builds_on_cuda_devel_and_runs_on_a_cuda_base() -> None:
+    _, stages = read_stages(CUDA_DOCKERFILE)
+    by_name = {stage.name: stage for stage in stages}
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-devel-ubuntu[\d.]+", by_name["build"].base)
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(base|runtime)-ubuntu[\d.]+", by_name["runtime-base"].base)
+    assert stages[-1].name == "runtime" and stages[-1].base == "runtime-base"
+
+
+def test_cuda_image_pins_cuda_torch_and_builds_the_kernel_for_ampere_ada_hopper() -> None:
+    _, stages = read_stages(CUDA_DOCKERFILE)
+    build = next(stage for stage in stages if stage.name == "build")
+    args = stage_args(build)
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX"])
+    # Same release as CI's CPU torch, so what CI tests is what the image runs.
+    assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
+    shipped = {arch.removesuffix("+PTX") for arch in args["CUDA_ARCHS"].split()}
+    assert {"8.0", "8.6", "8.9", "9.0"} <= shipped
+    runs = " ".join(" ".join(v) for v in build.values("RUN"))
+    assert 'build_mamba_ssm.sh "${CUDA_ARCHS}"' in runs
+    assert "pip install --no-deps /opt/wheels/mamba_ssm-" in runs
+
+
+def test_cpu_image_uses_cpu_torch_on_python_slim() -> None:
+    _, stages = read_stages(CPU_DOCKERFILE)
+    assert len(stages) == 1 and stages[0].base.startswith("python:3.11-slim")
+    args = stage_args(stages[0])
+    assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.parametrize("path", [CUDA_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
+def test_final_stage_runs_unprivileged_health_checked_and_proven_offline(path) -> None:
+    final = read_stages(path)[1][-1]
+    users = final.values("USER")
+    assert users and users[-1][0] not in {"root", "0"}
+    (healthcheck,) = final.values("HEALTHCHECK")
+    assert healthcheck[0] == "CMD" and healthcheck[-1] == "/readyz"
+    copied = [c.value for c in final.commands if c.cmd == "COPY" and not c.flags]
+    assert any("docker/healthcheck.py" in value for value in copied)
+    offline = [c for c in final.commands if c.cmd == "RUN" and "--network=none" in c.flags]
+    assert offline and "smoke_check.py" in " ".join(offline[-1].value)
+    assert final.values("CMD")[-1] == ("fermam", "serve")
+
+
+def test_image_settings_are_valid_and_select_the_intended_backend(build_settings) -> None:
+    cuda_env = read_stages(CUDA_DOCKERFILE)[1][-1].env()
+    cpu_env = read_stages(CPU_DOCKERFILE)[1][-1].env()
+    for env in (cuda_env, cpu_env):
+        assert {k for k in env if k.startswith(FERMAM_PREFIX)} <= settings_fields()
+    cuda = build_settings({k: v for k, v in cuda_env.items() if k.startswith(FERMAM_PREFIX)})
+    assert (cuda.host, cuda.device, cuda.face_backend) == ("0.0.0.0", "cuda", "face-alignment")
+    cpu = build_settings({k: v for k, v in cpu_env.items() if k.startswith(FERMAM_PREFIX)})
+    assert (cpu.host, cpu.device, cpu.face_backend) == ("0.0.0.0", "cpu", "dlib")
+
+
+def test_cuda_image_points_the_face_backend_at_the_weights_it_downloads() -> None:
+    _, stages = read_stages(CUDA_DOCKERFILE)
+    env = stages[-1].env()
+    weights_dir = env["FERMAM_FACE_WEIGHTS_DIR"]
+    assert weights_dir == env["TORCH_HOME"] + "/hub/checkpoints"
+    fetch = next(stage for stage in stages if stage.name == "face-weights")
+    assert any(value[-1].endswith(f"fetch_face_weights.py {weights_dir}") for value in fetch.values("RUN"))
+    assert any("--from=face-weights" in c.flags for c in stages[-1].commands if c.cmd == "COPY")
+    assert env["HF_HUB_OFFLINE"] == "1"

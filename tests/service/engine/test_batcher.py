@@ -1,0 +1,350 @@
+"""The generic batcher on its own, with plain functions: no torch, no faces, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from service.engine.batcher import (
+    Batched,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+    ShuttingDown,
+)
+
+
+class RecordingObserver:
+    """Collects what the batcher reports, as the metrics module would."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.skips: dict[str, int] = {}
+        self.depths: list[int] = []
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        self.batch_sizes.append(size)
+
+    def skipped(self, reason: str, count: int) -> None:
+        self.skips[reason] = self.skips.get(reason, 0) + count
+
+
+def make(fn, **kwargs) -> tuple[DynamicBatcher, RecordingObserver]:
+    observer = RecordingObserver()
+    options = {"max_batch_size": 4, "max_queue_delay_ms": 20, "max_queue_size": 64} | kwargs
+    batcher = DynamicBatcher(fn, name="test", observer=observer, **options)
+    batcher.start()
+    return batcher, observer
+
+
+def double_all(items: list[int]) -> list[int]:
+    return [2 * item for item in items]
+
+
+def test_results_come_back_in_order_and_carry_timings() -> None:
+    async def main() -> list[Batched[int]]:
+        batcher, _ = make(double_all)
+        try:
+            return list(await asyncio.gather(*(batcher.submit(i) for i in range(10))))
+        finally:
+            await batcher.aclose()
+
+    results = asyncio.run(main())
+    assert [r.value for r in results] == [2 * i for i in range(10)]
+    assert all(r.queue_s >= 0 and r.compute_s >= 0 and 1 <= r.batch_size <= 4 for r in results)
+
+
+def test_batches_never_exceed_max_batch_size() -> None:
+    async def main() -> RecordingObserver:
+        batcher, observer = make(double_all, max_batch_size=3, max_queue_delay_ms=50)
+        try:
+            await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        finally:
+            await batcher.aclose()
+        return observer
+
+    observer = asyncio.run(main())
+    assert sum(observer.batch_sizes) == 10
+    assert max(observer.batch_sizes) == 3
+    # Ten items submitted at once fill batches rather than running one by one.
+    assert len(observer.batch_sizes) == 4
+
+
+def test_a_lone_item_waits_about_the_queue_delay_then_runs() -> None:
+    async def main() -> float:
+        batcher, _ = make(double_all, max_batch_size=8, max_queue_delay_ms=150)
+        try:
+            started = time.monotonic()
+            await batcher.submit(1)
+            return time.monotonic() - started
+        finally:
+            await batcher.aclose()
+
+    elapsed = asyncio.run(main())
+    assert 0.14 <= elapsed < 1.0
+
+
+def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
+    async def main() -> float:
+        batcher, _ = make(double_all, max_batch_size=4, max_queue_delay_ms=5_000)
+        try:
+            started = time.monotonic()
+            await asyncio.gather(*(batcher.submit(i) for i in range(4)))
+            return time.monotonic() - started
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_next_batch_is_collected_while_the_current_one_runs() -> None:
+    release = threading.Event()
+    first_running = threading.Event()
+    sizes: list[int] = []
+
+    def blocking(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            first_running.set()
+            release.wait(5)
+        return items
+
+    async def main() -> None:
+        batcher, _ = make(blocking, max_batch_size=4, max_queue_delay_ms=0)
+        try:
+            first = batcher.submit(0)
+            await asyncio.to_thread(first_running.wait, 5)
+            # The worker is busy: these queue up and must leave together as the next batch.
+            rest = [batcher.submit(i) for i in range(1, 5)]
+            await asyncio.sleep(0.05)
+            assert batcher.queue_depth == 4
+            release.set()
+            await asyncio.gather(first, *rest)
+        finally:
+            await batcher.aclose()
+
+    asyncio.run(main())
+    assert sizes == [1, 4]
+
+
+def test_one_bad_item_fails_only_itself() -> None:
+    calls: list[list[int]] = []
+
+    def picky(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("13 is unlucky")
+        return items
+
+    async def main() -> list:
+        batcher, _ = make(picky, max_batch_size=8, max_queue_delay_ms=30)
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in (11, 12, 13, 14)), return_exceptions=True
+            )
+        finally:
+            await batcher.aclose()
+
+    outcomes = asyncio.run(main())
+    assert [o.value for o in outcomes if isinstance(o, Batched)] == [11, 12, 14]
+    assert isinstance(outcomes[2], ValueError)
+    assert calls[0] == [11, 12, 13, 14]  # tried as a batch first, then item by item
+
+
+def test_per_item_exceptions_returned_by_the_batch_function_reach_only_their_item() -> None:
+    def mixed(items: list[int]) -> list[int | BaseException]:
+        return [KeyError(i) if i % 2 else i for i in items]
+
+    async def main() -> list:
+        batcher, _ = make(mixed)
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+        finally:
+            await batcher.aclose()
+
+    outcomes = asyncio.run(main())
+    assert [type(o).__name__ for o in outcomes] == ["Batched", "KeyError", "Batched", "KeyError"]
+
+
+def test_items_past_their_deadline_are_skipped_and_counted() -> None:
+    release = threading.Event()
+    seen: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        seen.extend(items)
+        if items[0] == 0:
+            release.wait(5)
+        return items
+
+    async def main() -> tuple[list, RecordingObserver]:
+        batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
+        try:
+            blocker = batcher.submit(0)
+            await asyncio.sleep(0.05)
+            late = batcher.submit(1, deadline=time.monotonic() + 0.05)
+            fine = batcher.submit(2, deadline=time.monotonic() + 30)
+            await asyncio.sleep(0.15)
+            release.set()
+            return await asyncio.gather(blocker, late, fine, return_exceptions=True), observer
+        finally:
+            await batcher.aclose()
+
+    outcomes, observer = asyncio.run(main())
+    assert isinstance(outcomes[1], DeadlineExceeded)
+    assert outcomes[2].value == 2
+    assert 1 not in seen
+    assert observer.skips == {"deadline": 1}
+
+
+def test_cancelled_items_are_never_computed() -> None:
+    release = threading.Event()
+    seen: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        seen.extend(items)
+        if items[0] == 0:
+            release.wait(5)
+        return items
+
+    async def main() -> RecordingObserver:
+        batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
+        try:
+            blocker = batcher.submit(0)
+            await asyncio.sleep(0.05)
+            gone = batcher.submit(1)
+            kept = batcher.submit(2)
+            gone.cancel()
+            await asyncio.sleep(0.01)
+            release.set()
+            await blocker
+            assert (await kept).value == 2
+        finally:
+            await batcher.aclose()
+        return observer
+
+    observer = asyncio.run(main())
+    assert seen == [0, 2]
+    assert observer.skips == {"cancelled": 1}
+
+
+def test_the_queue_is_bounded_and_admission_is_all_or_nothing() -> None:
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    async def main() -> None:
+        batcher, _ = make(slow, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=3)
+        try:
+            running = batcher.submit(0)
+            await asyncio.sleep(0.05)  # the worker holds item 0; the queue is empty again
+            queued = batcher.submit_many([1, 2])
+            with pytest.raises(QueueFull) as excinfo:
+                batcher.submit_many([3, 4])
+            assert excinfo.value.retry_after_s >= 1
+            assert batcher.queue_depth == 2  # nothing of the refused request was queued
+            queued.append(batcher.submit(3))
+            with pytest.raises(QueueFull):
+                batcher.submit(4)
+            release.set()
+            assert [r.value for r in await asyncio.gather(running, *queued)] == [0, 1, 2, 3]
+        finally:
+            await batcher.aclose()
+
+    asyncio.run(main())
+
+
+def test_close_drains_queued_work_and_then_refuses() -> None:
+    def slowish(items: list[int]) -> list[int]:
+        time.sleep(0.02)
+        return items
+
+    async def main() -> None:
+        batcher, _ = make(slowish, max_batch_size=2, max_queue_delay_ms=0)
+        futures = [batcher.submit(i) for i in range(6)]
+        await batcher.aclose(drain_timeout_s=10)
+        assert [r.value for r in await asyncio.gather(*futures)] == list(range(6))
+        with pytest.raises(ShuttingDown):
+            batcher.submit(99)
+
+    asyncio.run(main())
+
+
+def test_close_fails_what_it_could_not_drain_in_time() -> None:
+    release = threading.Event()
+
+    def stuck(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    async def main() -> list:
+        batcher, observer = make(stuck, max_batch_size=1, max_queue_delay_ms=0)
+        futures = [batcher.submit(i) for i in range(3)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(batcher.aclose(drain_timeout_s=0.1))
+        await asyncio.sleep(0.3)
+        release.set()
+        await closing
+        assert observer.skips == {"shutdown": 2}
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0].value == 0
+    assert all(isinstance(o, ShuttingDown) for o in outcomes[1:])
+
+
+def test_every_item_gets_exactly_one_answer_under_concurrent_load() -> None:
+    rng = random.Random(7)
+
+    def noisy(items: list[int]) -> list[int | BaseException]:
+        time.sleep(rng.random() * 0.003)
+        if 500 in items:
+            raise RuntimeError("poisoned batch")
+        return [ValueError(i) if i % 97 == 0 else i * 3 for i in items]
+
+    async def client(batcher: DynamicBatcher, ids: list[int]) -> list[tuple[int, object]]:
+        answers = []
+        for i in ids:
+            await asyncio.sleep(rng.random() * 0.002)
+            deadline = time.monotonic() + (0.0005 if i % 50 == 1 else 30)
+            try:
+                answers.append((i, (await batcher.submit(i, deadline=deadline)).value))
+            except (ValueError, RuntimeError, DeadlineExceeded) as error:
+                answers.append((i, error))
+        return answers
+
+    async def main() -> tuple[list[tuple[int, object]], RecordingObserver]:
+        batcher, observer = make(noisy, max_batch_size=16, max_queue_delay_ms=2, max_queue_size=10_000)
+        try:
+            chunks = [list(range(start, 2000, 20)) for start in range(20)]
+            results = await asyncio.gather(*(client(batcher, chunk) for chunk in chunks))
+        finally:
+            await batcher.aclose()
+        return [answer for chunk in results for answer in chunk], observer
+
+    answers, observer = asyncio.run(main())
+    assert sorted(i for i, _ in answers) == list(range(2000))
+    by_id = dict(answers)
+    assert isinstance(by_id[500], RuntimeError)
+    assert isinstance(by_id[97], ValueError)
+    for i, answer in by_id.items():
+        if not isinstance(answer, Exception):
+            assert answer == i * 3
+    computed = sum(observer.batch_sizes)
+    assert computed + observer.skips.get("deadline", 0) == 2000
+
+
+def test_invalid_configuration_is_refused() -> None:
+    with pytest.raises(ValueError):
+        DynamicBatcher(double_all, name="x", max_batch_size=0, max_queue_delay_ms=1, max_queue_size=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(double_all, name="x", max_batch_size=1, max_queue_delay_ms=-1, max_queue_size=1)

@@ -1,0 +1,129 @@
+"""The engine end to end on real photos, without HTTP: decode -> faces -> align -> FERMam."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine.batcher import DeadlineExceeded
+from service.engine.pipeline import Engine, ImageRejected, InvalidRequest, RequestOptions
+
+PHOTOS = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "photos"
+
+GROUP = "2008_001322.jpg"  # three faces, 500x375
+NO_FACE = "grass_no_face.jpg"
+FACE_CROP = "aflw-test.jpg"  # one face filling most of a 450x450 image
+
+
+def photo(name: str) -> bytes:
+    return (PHOTOS / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def engine(engine_factory) -> Engine:
+    engine = engine_factory(detect_max_queue_delay_ms=2, classify_max_queue_delay_ms=2)
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+def infer(engine: Engine, images: list[bytes], **options) -> object:
+    return asyncio.run(engine.infer(images, RequestOptions(**options)))
+
+
+def test_group_photo_gives_one_entry_per_face_and_no_face_photo_none(engine, shared_face_backend) -> None:
+    result = infer(engine, [photo(GROUP), photo(NO_FACE)])
+    group, empty = result.images
+    assert (group.index, group.width, group.height) == (0, 500, 375)
+    assert empty.faces == [] and empty.index == 1
+    # Exactly the faces the face stage finds: the engine neither loses nor invents any.
+    from service.engine.decode import decode_image
+
+    pixels = decode_image(photo(GROUP), max_bytes=10**8, max_pixels=10**8).pixels
+    expected = shared_face_backend.detect([pixels], min_face_size=engine.settings.min_face_size)[0]
+    assert len(group.faces) == len(expected) == 3
+    areas = [f.box[2] * f.box[3] for f in group.faces]
+    assert areas == sorted(areas, reverse=True)
+    for face, truth in zip(group.faces, expected, strict=True):
+        assert face.box == pytest.approx(truth.box)
+        assert face.landmarks.shape == (68, 2)
+        assert (face.landmarks[:, 0] >= -20).all() and (face.landmarks[:, 0] <= 520).all()
+        assert set(face.scores) == set(engine.class_names)
+        assert sum(face.scores.values()) == pytest.approx(1.0, abs=1e-5)
+        assert face.expression == max(face.scores, key=face.scores.get)
+        assert face.detected
+    t = result.timings
+    assert t.total_s >= t.detect_s > 0 and t.classify_s > 0 and t.decode_s > 0
+
+
+def test_detect_false_treats_each_image_as_one_face_crop(engine) -> None:
+    (image,) = infer(engine, [photo(FACE_CROP)], detect=False).images
+    (face,) = image.faces
+    assert face.box == (0.0, 0.0, float(image.width), float(image.height))
+    assert face.score == 1.0 and not face.detected
+    assert face.landmarks.shape == (68, 2)
+    assert sum(face.scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_max_faces_top_k_and_landmarks_options(engine) -> None:
+    (image,) = infer(engine, [photo(GROUP)], max_faces=1, top_k=3, return_landmarks=False).images
+    (face,) = image.faces
+    assert image.skipped_over_max == 2
+    assert face.landmarks is None
+    labels = [label for label, _ in face.top]
+    probs = [p for _, p in face.top]
+    assert len(labels) == 3 and probs == sorted(probs, reverse=True)
+    assert labels[0] == face.expression
+    assert probs == [pytest.approx(face.scores[label]) for label in labels]
+
+
+def test_min_face_size_filters_and_counts(engine) -> None:
+    (image,) = infer(engine, [photo(GROUP)], min_face_size=80).images
+    assert all(min(f.box[2], f.box[3]) >= 80 for f in image.faces)
+    assert len(image.faces) + image.skipped_small == 3
+
+
+def test_a_bad_image_is_rejected_with_its_index(engine) -> None:
+    with pytest.raises(ImageRejected) as excinfo:
+        infer(engine, [photo(NO_FACE), b"definitely not an image"])
+    assert excinfo.value.index == 1
+    with pytest.raises(ImageRejected):
+        infer(engine, [photo(GROUP)[:4000]])  # truncated JPEG
+
+
+def test_options_beyond_server_limits_are_refused(engine) -> None:
+    with pytest.raises(InvalidRequest):
+        infer(engine, [photo(NO_FACE)], max_faces=engine.settings.max_faces + 1)
+    with pytest.raises(InvalidRequest):
+        infer(engine, [photo(NO_FACE)], top_k=len(engine.class_names) + 1)
+    with pytest.raises(InvalidRequest):
+        infer(engine, [])
+
+
+def test_a_passed_deadline_fails_the_request_and_is_counted(engine) -> None:
+    before = engine.metrics.rejections.labels("deadline")._value.get()
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(engine.infer([photo(GROUP)], deadline=time.monotonic() + 0.001))
+    assert engine.metrics.rejections.labels("deadline")._value.get() > before
+
+
+def test_concurrent_requests_each_get_their_own_answer(engine) -> None:
+    async def main() -> list:
+        return await asyncio.gather(
+            engine.infer([photo(NO_FACE)]),
+            engine.infer([photo(FACE_CROP)], RequestOptions(detect=False)),
+            engine.infer([photo(NO_FACE), photo(FACE_CROP)], RequestOptions(detect=False)),
+        )
+
+    first, second, third = asyncio.run(main())
+    assert [len(i.faces) for i in first.images] == [0]
+    assert [len(i.faces) for i in second.images] == [1]
+    assert [len(i.faces) for i in third.images] == [1, 1]
+    # The same crop gives the same probabilities whichever batch it shared.
+    same = [second.images[0].faces[0].scores[c] for c in engine.class_names]
+    again = [third.images[1].faces[0].scores[c] for c in engine.class_names]
+    np.testing.assert_allclose(same, again, atol=1e-4)
