@@ -119,6 +119,8 @@ def run_one(
         runner = torch.compile(model)
     name = device_name(device)
     label = f"{mode} {'bf16' if dtype else 'fp32'} scan={backend}{' compiled' if compiled else ''}"
+    if compiled and backend == "torch" and not scan.scan_compile_enabled():
+        label += " (scan eager)"
     for batch in batches:
         make_step = train_step if mode == "train" else inference_step
         row: dict[str, Any] = {
@@ -128,6 +130,7 @@ def run_one(
             "dtype": "bf16" if dtype else "fp32",
             "backend": backend,
             "compiled": compiled,
+            "scan_compiled": compiled and backend == "torch" and scan.scan_compile_enabled(),
             "batch": batch,
         }
         try:
@@ -158,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="", help="scan backends on CUDA (default: all available)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models on CUDA")
     parser.add_argument("--train", action="store_true", help="also time training steps on CUDA")
+    parser.add_argument(
+        "--eager-scan",
+        action="store_true",
+        help="with --compile: keep the torch scan backend out of the compiled graph (much faster to compile)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
+    scan.set_scan_compile(not args.eager_scan)
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",") if b]

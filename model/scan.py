@@ -37,6 +37,11 @@ def _validated(name: str | None) -> str:
 
 
 _forced_backend: str = _validated(os.environ.get(BACKEND_ENV_VAR))
+# torch.compile unrolls the torch backend's loop (49 steps, forward and backward): the result is
+# fast but takes minutes to compile. Setting FERMAM_SCAN_COMPILE=0 (or set_scan_compile(False))
+# keeps the scan eager inside compiled models, so only the rest of the network is compiled.
+COMPILE_ENV_VAR = "FERMAM_SCAN_COMPILE"
+_compile_scan: bool = os.environ.get(COMPILE_ENV_VAR, "1").strip().lower() not in {"0", "false", "no"}
 
 
 _UNRESOLVED = object()
@@ -71,6 +76,16 @@ def set_scan_backend(name: str | None) -> None:
     """Force a backend for every later call ("torch", "mamba"), or back to "auto" with None."""
     global _forced_backend
     _forced_backend = _validated(name)
+
+
+def set_scan_compile(enabled: bool) -> None:
+    """Whether torch.compile may trace into the torch backend (True) or must call it eagerly."""
+    global _compile_scan
+    _compile_scan = bool(enabled)
+
+
+def scan_compile_enabled() -> bool:
+    return _compile_scan
 
 
 def get_scan_backend() -> str:
@@ -138,7 +153,8 @@ def selective_scan(
                 delta_softplus=delta_softplus,
                 return_last_state=False,
             )
-        return _selective_scan_torch(*args, delta_softplus=delta_softplus)
+        scan_torch = _selective_scan_torch if _compile_scan else _selective_scan_torch_eager
+        return scan_torch(*args, delta_softplus=delta_softplus)
 
 
 def _selective_scan_torch(
@@ -239,3 +255,6 @@ class _LinearRecurrence(torch.autograd.Function):
             return t.squeeze(-1).permute(1, 2, 3, 0).contiguous()
 
         return to_bdl(grad_u), to_bdl(grad_delta), grad_A, to_bgnl(grad_B), to_bgnl(grad_C)
+
+
+_selective_scan_torch_eager = torch.compiler.disable(_selective_scan_torch)

@@ -55,11 +55,11 @@ class Recipe:
     epochs: int = 60
     time_budget_s: float | None = None
     batch_size: int = 256
-    lr: float = 1.5e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
-    ema_decay: float = 0.999
+    ema_decay: float = 0.998
     label_smoothing: float = 0.0
     soft_labels: bool = True
     seed: int = 0
@@ -71,9 +71,14 @@ class Recipe:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -134,9 +139,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool) -> Iterator[torch.Tensor]:
+def batches(
+    n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Index batches; training drops the ragged tail so every step has the same shape (one
+    kernel selection, steady batch statistics), unless that would leave no batch at all."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for i in range(0, n, batch_size):
+    end = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, end, batch_size):
         yield order[i : i + batch_size]
 
 
@@ -199,7 +209,7 @@ def run_epochs(
 ) -> dict[str, Any]:
     """The training loop both stages share: schedule, EMA, validation, best and resume state."""
     log = JsonLog(out_dir / "log.jsonl")
-    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    steps_per_epoch = max(1, n_train // recipe.batch_size)
     plan = EpochPlan(recipe, steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
@@ -215,7 +225,8 @@ def run_epochs(
         torch.set_rng_state(state["torch_rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         best_score, best_epoch, spent = state["best_score"], state["best_epoch"], state["spent"]
-        plan.epochs = state["epochs"]
+        # A budgeted run keeps its plan; otherwise --epochs may extend a finished run.
+        plan.epochs = state["epochs"] if recipe.time_budget_s is not None else recipe.epochs
         log.write(event="resume", epoch=start_epoch)
 
     epoch = start_epoch
@@ -225,7 +236,7 @@ def run_epochs(
         seen, loss_sum, stats_sum = 0, 0.0, {}
         quarter_losses: list[torch.Tensor] = []
         bar = tqdm(
-            list(batches(n_train, recipe.batch_size, generator, shuffle=True)),
+            list(batches(n_train, recipe.batch_size, generator, shuffle=True, drop_last=True)),
             desc=f"epoch {epoch + 1}/{plan.epochs}",
             disable=not progress,
             mininterval=2.0,
@@ -266,8 +277,12 @@ def run_epochs(
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": float(loss_sum) / seen,
             # First and last quarter of the epoch's steps: shows the loss falling within one epoch.
-            "train_loss_first_quarter": float(torch.stack(quarter_losses[: max(1, len(quarter_losses) // 4)]).mean()),
-            "train_loss_last_quarter": float(torch.stack(quarter_losses[-max(1, len(quarter_losses) // 4) :]).mean()),
+            "train_loss_first_quarter": float(
+                torch.stack(quarter_losses[: max(1, len(quarter_losses) // 4)]).mean()
+            ),
+            "train_loss_last_quarter": float(
+                torch.stack(quarter_losses[-max(1, len(quarter_losses) // 4) :]).mean()
+            ),
             **{f"train_{k}": float(v) / seen for k, v in stats_sum.items()},
             **{f"val_{k}": v for k, v in metrics.items()},
             "faces_per_s": seen / train_seconds,
@@ -275,7 +290,9 @@ def run_epochs(
             "best": improved,
         }
         log.write(**record)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+        print(
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True
+        )
         if improved:
             best_score, best_epoch = score, epoch + 1
             on_best(ema.module, {"epoch": epoch + 1, **metrics})
@@ -418,7 +435,9 @@ def soft_targets(data: FaceArrays, recipe: Recipe) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, contract: InputContract, device: torch.device) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, contract: InputContract, device: torch.device
+) -> torch.Tensor:
     model.eval()
     out = []
     for index in batches(len(images), 512, None, shuffle=False):
@@ -540,7 +559,11 @@ def add_common(parser: argparse.ArgumentParser, defaults: Recipe) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (weights, log.jsonl, last.pt)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="at most this many epochs")
     parser.add_argument(
-        "--time-budget", dest="time_budget_s", type=float, default=None, help="seconds; sets epochs after epoch 1"
+        "--time-budget",
+        dest="time_budget_s",
+        type=float,
+        default=None,
+        help="seconds; sets epochs after epoch 1",
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -560,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lm = stages.add_parser("landmarks", help="pretrain the MobileFaceNet landmark branch on pseudo-labels")
     lm.add_argument("--data", required=True, help="training faces (dataset spec, e.g. train.npz)")
-    lm.add_argument("--labels", type=Path, required=True, help="pseudo-labels of --data (fermam pseudo-landmarks)")
+    lm.add_argument(
+        "--labels", type=Path, required=True, help="pseudo-labels of --data (fermam pseudo-landmarks)"
+    )
     lm.add_argument("--val-data", required=True, help="held-out faces")
     lm.add_argument("--val-labels", type=Path, required=True, help="pseudo-labels of --val-data")
     lm.add_argument("--val-limit", type=int, default=None)
@@ -571,13 +596,22 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--val", required=True, help="validation split, picks the best epoch")
     fm.add_argument("--landmark-weights", type=Path, default=None, help="landmarks.safetensors from stage 1")
     fm.add_argument(
-        "--template-from", type=Path, default=None, help="pseudo-labels whose mean sets the alignment template"
+        "--template-from",
+        type=Path,
+        default=None,
+        help="pseudo-labels whose mean sets the alignment template",
     )
     fm.add_argument("--label-smoothing", type=float, default=0.0)
     fm.add_argument(
-        "--ir-units", type=int, nargs=3, default=None, help="IR-50 units per stage (default 3 4 14; fewer for quick runs)"
+        "--ir-units",
+        type=int,
+        nargs=3,
+        default=None,
+        help="IR-50 units per stage (default 3 4 14; fewer for quick runs)",
     )
-    fm.add_argument("--hard-labels", dest="soft_labels", action="store_false", help="ignore vote distributions")
+    fm.add_argument(
+        "--hard-labels", dest="soft_labels", action="store_false", help="ignore vote distributions"
+    )
     add_common(fm, Recipe())
     return parser
 

@@ -145,11 +145,16 @@ def test_backend_selection_on_cpu():
 
 
 def test_forced_backend_by_function_and_environment():
+    inputs = random_inputs(1, 4, 9, 4, None)
     try:
         set_scan_backend("torch")
         assert scan.get_scan_backend() == "torch"
+        traced = selective_scan(**inputs)
+        scan.set_scan_compile(False)  # the variant torch.compile must not trace into
+        assert torch.equal(selective_scan(**inputs), traced)
     finally:
         set_scan_backend(None)
+        scan.set_scan_compile(True)
     assert scan.get_scan_backend() == "auto"
     code = "from model.scan import get_scan_backend; print(get_scan_backend())"
     env = {**os.environ, scan.BACKEND_ENV_VAR: "torch"}

@@ -97,7 +97,9 @@ def default_weights_dir() -> Path:
 def required_weight_files(detector: str) -> tuple[str, ...]:
     """File names the backend needs in its weights directory for `detector`."""
     if detector not in DETECTOR_FILES:
-        raise ValueError(f"unknown face-alignment detector {detector!r}; choose one of {sorted(DETECTOR_FILES)}")
+        raise ValueError(
+            f"unknown face-alignment detector {detector!r}; choose one of {sorted(DETECTOR_FILES)}"
+        )
     return (FAN_FILE, *DETECTOR_FILES[detector])
 
 
@@ -216,17 +218,25 @@ class FanFaceBackend(FaceBackend):
                 boxes = self._detect_s3fd(tensors)
             else:
                 boxes = [self._detect_other(image) for image in rgb]
-            requests = [(i, b[:4]) for i, image_boxes in enumerate(boxes) for b in image_boxes]
+            # Size filter before FAN: landmarks of faces that will be dropped are never computed.
+            kept_boxes, skipped = [], []
+            for image_boxes, min_size in zip(boxes, min_sizes, strict=True):
+                kept = [b for b in image_boxes if min(b[2] - b[0], b[3] - b[1]) >= min_size]
+                kept_boxes.append(kept)
+                skipped.append(len(image_boxes) - len(kept))
+            requests = [(i, b[:4]) for i, image_boxes in enumerate(kept_boxes) for b in image_boxes]
             landmarks = self._landmarks(tensors, requests)
         results: list[ImageFaces] = []
         cursor = 0
-        for image_boxes, min_size in zip(boxes, min_sizes, strict=True):
+        for image_boxes, skipped_small in zip(kept_boxes, skipped, strict=True):
             faces = []
             for x1, y1, x2, y2, score in image_boxes:
                 box = (float(x1), float(y1), float(x2 - x1), float(y2 - y1))
                 faces.append(DetectedFace(box, float(score), landmarks[cursor]))
                 cursor += 1
-            results.append(sort_and_filter(faces, min_size))
+            image_faces = sort_and_filter(faces, 0)
+            image_faces.skipped_small = skipped_small
+            results.append(image_faces)
         return results
 
     @torch.inference_mode()
@@ -259,7 +269,9 @@ class FanFaceBackend(FaceBackend):
             if self.max_detect_side is not None and max(h, w) > self.max_detect_side:
                 ratio = self.max_detect_side / max(h, w)
                 size = (max(1, round(h * ratio)), max(1, round(w * ratio)))
-                image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+                image = F.interpolate(
+                    image[None], size=size, mode="bilinear", antialias=True, align_corners=False
+                )[0]
             ratios.append(ratio)
             resized.append(image)
         height = max(im.shape[1] for im in resized)
@@ -354,8 +366,14 @@ class FanFaceBackend(FaceBackend):
             grid = np.empty((len(faces), CROP_RESOLUTION, CROP_RESOLUTION, 2), dtype=np.float32)
             grid[..., 0] = ((2.0 * xs + 1.0) / w - 1.0)[:, None, :]
             grid[..., 1] = ((2.0 * ys + 1.0) / h - 1.0)[:, :, None]
-            grid_t = torch.from_numpy(grid).to(self.device).view(1, len(faces) * CROP_RESOLUTION, CROP_RESOLUTION, 2)
-            sampled = F.grid_sample(image[None] / 255.0, grid_t, mode="bilinear", padding_mode="zeros", align_corners=False)
+            grid_t = (
+                torch.from_numpy(grid)
+                .to(self.device)
+                .view(1, len(faces) * CROP_RESOLUTION, CROP_RESOLUTION, 2)
+            )
+            sampled = F.grid_sample(
+                image[None] / 255.0, grid_t, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
             crops[faces] = sampled.view(3, len(faces), CROP_RESOLUTION, CROP_RESOLUTION).transpose(0, 1)
 
         heatmaps = torch.cat([self._heatmaps(chunk) for chunk in crops.split(self.fan_batch_size)])

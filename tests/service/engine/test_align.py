@@ -162,4 +162,6 @@ def test_gray_crops_use_luma_and_the_contract_normalisation():
 def test_no_faces_give_an_empty_batch_and_bad_indices_are_refused():
     assert align_faces([], [], CONTRACT).shape == (0, 3, 112, 112)
     with pytest.raises(IndexError):
-        align_faces([np.zeros((10, 10, 3), np.uint8)], [(1, np.asarray(CONTRACT.template, np.float32) * 10)], CONTRACT)
+        align_faces(
+            [np.zeros((10, 10, 3), np.uint8)], [(1, np.asarray(CONTRACT.template, np.float32) * 10)], CONTRACT
+        )

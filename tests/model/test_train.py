@@ -1,0 +1,77 @@
+"""Smoke training on real FER+ faces: both stages run end to end and their losses fall.
+
+The full runs need a GPU (docs/training.md); these check the machinery on the CPU: data on the
+device, augmentation, schedule, EMA, JSON-lines log, best-epoch checkpoint, resume. FERMam is
+built shallower (one IR unit per stage) so one epoch over a few hundred faces fits CI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.checkpoint import load_checkpoint
+from model.data import load_npz, save_npz
+from model.train import main as train_main
+from model.train import template_from_pseudo_labels
+from service.pseudo_landmarks import label_faces
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+VAL = SHARED / "data" / "ferplus" / "val.npz"
+
+pytestmark = pytest.mark.slow
+
+
+def _epochs(log: Path) -> list[dict]:
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """192 real faces and the pseudo-landmarks the dlib face stage places on them."""
+    root = tmp_path_factory.mktemp("smoke")
+    data = load_npz(VAL).subset(slice(0, 192))
+    save_npz(root / "faces.npz", data)
+    labels = label_faces(data.images)
+    np.savez(root / "labels.npz", **labels)
+    return root / "faces.npz", root / "labels.npz"
+
+
+def test_landmark_stage_loss_falls_and_weights_are_written(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    data, labels = faces
+    out = tmp_path / "lm"
+    args = ["landmarks", "--data", str(data), "--labels", str(labels), "--val-data", str(data)]
+    args += ["--val-labels", str(labels), "--val-limit", "48", "--out", str(out), "--epochs", "1"]
+    args += ["--batch-size", "16", "--warmup-epochs", "0.1", "--device", "cpu", "--no-progress"]
+    assert train_main(args) == 0
+    (epoch,) = _epochs(out / "log.jsonl")
+    assert epoch["train_loss_last_quarter"] < epoch["train_loss_first_quarter"]
+    assert np.isfinite(epoch["val_nme"])
+    assert (out / "landmarks.safetensors").stat().st_size > 1_000_000
+
+
+def test_fermam_stage_loss_falls_resumes_and_saves_a_loadable_checkpoint(
+    faces: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, labels = faces
+    out = tmp_path / "fermam"
+    args = ["fermam", "--train", str(data), "--val", str(data), "--template-from", str(labels)]
+    args += ["--out", str(out), "--batch-size", "16", "--warmup-epochs", "0.1", "--lr", "2e-3"]
+    args += ["--ema-decay", "0.5", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
+    assert train_main([*args, "--epochs", "1", "--limit", "128"]) == 0
+    (first,) = _epochs(out / "log.jsonl")
+    assert first["train_loss_last_quarter"] < first["train_loss_first_quarter"]
+
+    # Resume continues at epoch 2 instead of starting over.
+    assert train_main([*args, "--epochs", "2", "--limit", "128", "--resume"]) == 0
+    assert [r["epoch"] for r in _epochs(out / "log.jsonl")] == [1, 2]
+
+    model, metadata = load_checkpoint(out / "best.safetensors")
+    contract = model.config.contract
+    assert model.config.ir_units == (1, 1, 1)
+    assert contract.template == template_from_pseudo_labels(labels)
+    assert metadata["val_rows"] == 128 and 0.0 <= metadata["val_accuracy"] <= 1.0
+    assert metadata["recipe"]["seed"] == 0
