@@ -543,6 +543,8 @@ def provenance(
         "trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        # What the service reports as the model version: the data it learnt from and the day.
+        "version": f"{Path(str(train.source)).stem}-{datetime.now(UTC):%Y.%m.%d}",
     }
 
 
