@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import device_name  # noqa: E402  (bench/machine.py, beside this script)
+
 from service.engine.faces import create_face_backend  # noqa: E402
 from service.engine.faces.fan_backend import (  # noqa: E402
     FAN_FILE,
@@ -38,22 +39,6 @@ from service.engine.faces.fan_backend import (  # noqa: E402
 PHOTOS = REPO / ".." / "shared" / "data" / "photos"
 VOC_PHOTOS = sorted(p.name for p in PHOTOS.glob("20*.jpg"))
 FRAME = (640, 480)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({torch.get_num_threads()} torch threads)"
 
 
 def frames() -> list[np.ndarray]:

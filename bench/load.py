@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from machine import cpu_model  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / ".." / "shared" / "data" / "photos"
@@ -70,16 +70,6 @@ class RunResult:
     def errors(self) -> str:
         counts = Counter(s.status for s in self.samples if s.status != 200)
         return ",".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_description(device: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -23,23 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import device_name  # noqa: E402  (bench/machine.py, beside this script)
+
 from model import scan  # noqa: E402
 from model.fermam import FERMam  # noqa: E402
 
 DEFAULT_ITERS = {"cpu": 3, "cuda": 30}
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 5}
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: str) -> None:

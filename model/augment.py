@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # Index of each 68-point landmark's mirror image (iBUG / 300-W order), for horizontal flips.
+# fmt: off
 FLIP_68: tuple[int, ...] = (
     *range(16, -1, -1),  # jaw
     *range(26, 16, -1),  # eyebrows
@@ -26,6 +27,7 @@ FLIP_68: tuple[int, ...] = (
     64, 63, 62, 61, 60,  # inner lips
     67, 66, 65,
 )
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,9 @@ def warp_points(points: torch.Tensor, theta: torch.Tensor, flipped: torch.Tensor
     return (out + 1) / 2
 
 
-def photometric(x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+def photometric(
+    x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random brightness and contrast on images in [0, 1]."""
     n = x.shape[0]
     shape = (n,) + (1,) * (x.dim() - 1)
@@ -94,7 +98,9 @@ def photometric(x: torch.Tensor, settings: AugmentSettings, generator: torch.Gen
     return ((x - mean) * c + mean + b).clamp(0, 1)
 
 
-def random_erase(x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor, settings: AugmentSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Blank one random rectangle in a fraction of the images (occlusion robustness)."""
     n, _, h, w = x.shape
     dev = x.device

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+# fmt: off
 FERPLUS_CLASSES: tuple[str, ...] = (
     "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
 )
@@ -39,6 +40,7 @@ PROVISIONAL_TEMPLATE_68: tuple[tuple[float, float], ...] = (
     (0.3646, 0.7708), (0.4583, 0.7604), (0.5052, 0.7656), (0.5469, 0.7604),
     (0.6302, 0.7708), (0.5469, 0.7969), (0.5000, 0.8021), (0.4583, 0.7969),
 )
+# fmt: on
 
 # Landmarks that define the similarity transform: eye centres, nose tip, mouth corners.
 LEFT_EYE = tuple(range(36, 42))
@@ -118,7 +120,11 @@ class FERMamConfig:
             **{
                 **contract,
                 **{k: tuple(contract[k]) for k in ("mean", "std") if k in contract},
-                **({"template": tuple(tuple(p) for p in contract["template"])} if "template" in contract else {}),
+                **(
+                    {"template": tuple(tuple(p) for p in contract["template"])}
+                    if "template" in contract
+                    else {}
+                ),
             }
         )
         for key in ("class_names", "ir_units"):

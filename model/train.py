@@ -448,7 +448,7 @@ def predict(
 
 
 def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
-    from model.checkpoint import load_module_state, save_checkpoint
+    from model.checkpoint import load_checkpoint, load_module_state, save_checkpoint
     from model.fermam import FERMam
 
     recipe = recipe_from_args(args)
@@ -463,14 +463,25 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
         val = val.subset(slice(0, recipe.limit))
     if train.class_names != val.class_names:
         raise ValueError(f"train classes {train.class_names} differ from val classes {val.class_names}")
-    contract = InputContract()
-    if args.template_from:
-        contract = replace(contract, template=template_from_pseudo_labels(args.template_from))
-    config = FERMamConfig(class_names=train.class_names, contract=contract)
-    if args.ir_units:
-        config = replace(config, ir_units=tuple(args.ir_units))
-    model = FERMam(config)
     landmark_source = "random init"
+    if args.init_from:
+        # Continue from earlier weights (e.g. the shipped model) with a fresh schedule: lets runs
+        # that each fit one short GPU lease add up.
+        model, init_meta = load_checkpoint(args.init_from)
+        if model.config.class_names != train.class_names:
+            raise ValueError(
+                f"{args.init_from} predicts {model.config.class_names}, the data has {train.class_names}"
+            )
+        contract = model.config.contract
+        landmark_source = str(init_meta.get("landmark_branch", args.init_from))
+    else:
+        contract = InputContract()
+        if args.template_from:
+            contract = replace(contract, template=template_from_pseudo_labels(args.template_from))
+        config = FERMamConfig(class_names=train.class_names, contract=contract)
+        if args.ir_units:
+            config = replace(config, ir_units=tuple(args.ir_units))
+        model = FERMam(config)
     if args.landmark_weights:
         model.landmark_branch.load_state_dict(load_module_state(args.landmark_weights))
         landmark_source = str(args.landmark_weights)
@@ -504,7 +515,7 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(
             out_dir / "best.safetensors",
             net,
-            metadata=provenance(train, val, recipe, landmark_source, info),
+            metadata=provenance(train, val, recipe, landmark_source, info, init_from=args.init_from),
             dtype=torch.float16,
         )
 
@@ -528,7 +539,12 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def provenance(
-    train: FaceArrays, val: FaceArrays, recipe: Recipe, landmark_source: str, info: dict[str, Any]
+    train: FaceArrays,
+    val: FaceArrays,
+    recipe: Recipe,
+    landmark_source: str,
+    info: dict[str, Any],
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     return {
         "train_data": train.source,
@@ -539,7 +555,9 @@ def provenance(
         "epoch": info["epoch"],
         "recipe": asdict(recipe),
         "landmark_branch": landmark_source,
-        "weights_from": "random initialisation (no pretrained backbone)",
+        "weights_from": f"continued from {init_from.name}"
+        if init_from
+        else "random initialisation (no pretrained backbone)",
         "trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -602,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="pseudo-labels whose mean sets the alignment template",
+    )
+    fm.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this FERMam checkpoint instead of random weights",
     )
     fm.add_argument("--label-smoothing", type=float, default=0.0)
     fm.add_argument(

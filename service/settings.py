@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         "auto", description="Torch device for FERMam: auto (cuda if available), cpu, cuda or cuda:N."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="FERMam compute dtype: auto is float16 on CUDA and float32 on CPU."
+        "auto", description="FERMam compute dtype (autocast): auto is bfloat16 on CUDA and float32 on CPU."
     )
     weights: Path = Field(default_factory=_default_weights, description="FERMam safetensors checkpoint.")
     face_backend: Literal["dlib", "face-alignment"] = Field(

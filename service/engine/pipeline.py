@@ -151,7 +151,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -187,7 +187,9 @@ class Engine:
         if not weights.is_file():
             raise FileNotFoundError(f"FERMam weights not found: {weights}")
         model, metadata = load_checkpoint(weights, map_location="cpu")
-        self.model = model.eval().to(device=self.device, dtype=self.dtype)
+        # Weights stay float32; a narrower dtype runs as autocast, as in training, so norms and the
+        # selective scan keep float32 where they need it.
+        self.model = model.eval().to(device=self.device)
         self.config: FERMamConfig = model.config
         self.class_names: tuple[str, ...] = tuple(self.config.class_names)
         face_device = "cpu" if settings.face_backend == "dlib" else str(self.device)
@@ -468,7 +470,9 @@ class Engine:
 
     @torch.inference_mode()
     def _classify_batch(self, crops: list[torch.Tensor]) -> list[np.ndarray]:
-        batch = torch.stack(crops).to(device=self.device, dtype=self.dtype, non_blocking=True)  # (B, 3, S, S)
-        logits = self.model(batch)  # (B, classes)
+        batch = torch.stack(crops).to(device=self.device, non_blocking=True)  # (B, 3, S, S)
+        narrow = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=narrow):
+            logits = self.model(batch)  # (B, classes)
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return list(probs)

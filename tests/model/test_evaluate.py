@@ -157,8 +157,6 @@ def test_fermam_eval_defaults_to_the_shipped_model(
 ) -> None:
     from model.weights import default_weights_path
 
-    if not default_weights_path().is_file():
-        pytest.skip("no shipped checkpoint in this checkout yet")
     _write_small_npz(tmp_path / "val8.npz", _one_face_per_class())
     assert fermam(["eval", "--data", str(tmp_path / "val8.npz"), "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -75,3 +75,21 @@ def test_fermam_stage_loss_falls_resumes_and_saves_a_loadable_checkpoint(
     assert contract.template == template_from_pseudo_labels(labels)
     assert metadata["val_rows"] == 128 and 0.0 <= metadata["val_accuracy"] <= 1.0
     assert metadata["recipe"]["seed"] == 0
+
+
+def test_fermam_stage_continues_from_an_existing_checkpoint(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    data, labels = faces
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
+    common += ["--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
+    assert train_main([*common, "--template-from", str(labels), "--out", str(first)]) == 0
+    assert train_main([*common, "--init-from", str(first / "best.safetensors"), "--out", str(second)]) == 0
+    start, _ = load_checkpoint(first / "best.safetensors")
+    continued, metadata = load_checkpoint(second / "best.safetensors")
+    assert metadata["weights_from"] == "continued from best.safetensors"
+    # Same architecture and contract as the checkpoint it came from; the weights moved on.
+    assert continued.config == start.config
+    assert any(
+        not a.equal(b)
+        for a, b in zip(start.state_dict().values(), continued.state_dict().values(), strict=True)
+    )

@@ -60,6 +60,15 @@ def test_group_photo_gives_one_entry_per_face_and_no_face_photo_none(engine, sha
     assert t.total_s >= t.detect_s > 0 and t.classify_s > 0 and t.decode_s > 0
 
 
+def test_the_shipped_model_reads_clear_expressions_on_real_photos(engine) -> None:
+    """Observer impressions from the photos' README: an open smile, a neutral portrait. A model
+    that lost its weights or its preprocessing contract on the way to the service fails this."""
+    smile, neutral = infer(engine, [photo("Tom_Cruise_avp_2014_4.jpg"), photo("grace_hopper.jpg")]).images
+    assert [f.expression for f in smile.faces] == ["happiness"]
+    assert smile.faces[0].scores["happiness"] > 0.8
+    assert [f.expression for f in neutral.faces] == ["neutral"]
+
+
 def test_detect_false_treats_each_image_as_one_face_crop(engine) -> None:
     (image,) = infer(engine, [photo(FACE_CROP)], detect=False).images
     (face,) = image.faces
