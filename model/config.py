@@ -42,6 +42,9 @@ PROVISIONAL_TEMPLATE_68: tuple[tuple[float, float], ...] = (
 )
 # fmt: on
 
+NUM_LANDMARKS = 68  # iBUG / 300-W points, everywhere in the project
+# The outer eye corners: their distance normalises landmark errors (NME).
+OUTER_EYE_CORNERS = (36, 45)
 # Landmarks that define the similarity transform: eye centres, nose tip, mouth corners.
 LEFT_EYE = tuple(range(36, 42))
 RIGHT_EYE = tuple(range(42, 48))

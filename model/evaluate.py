@@ -21,6 +21,7 @@ from torch import nn
 
 from model.config import InputContract
 from model.data import SPEC_HELP, FaceArrays, load_dataset, to_model_input
+from model.device import resolve_device
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -198,12 +199,6 @@ def save_confusion_png(report: EvalReport, path: str | Path, *, title: str | Non
     return path
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _fmt(value: float | None) -> str:
     return "  -   " if value is None else f"{value:.4f}"
 
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from model.checkpoint import load_checkpoint
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     data = load_dataset(args.data)
     model, _metadata = load_checkpoint(weights, map_location=device)
     report = evaluate(model, data, batch_size=args.batch_size, device=device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NUM_LANDMARKS = 68
+from model.config import NUM_LANDMARKS
+
 FEATURE_CHANNELS = 512
 
 

@@ -42,10 +42,9 @@ from model.augment import (
     warp_images,
     warp_points,
 )
-from model.config import FERMamConfig, InputContract
+from model.config import OUTER_EYE_CORNERS, FERMamConfig, InputContract
 from model.data import FaceArrays, load_dataset, to_model_input
-
-OUTER_EYE_CORNERS = (36, 45)
+from model.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -71,9 +70,7 @@ class Recipe:
 
 
 def pick_device(name: str) -> torch.device:
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
-    )
+    device = resolve_device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -163,7 +160,7 @@ class JsonLog:
 
 
 class EpochPlan:
-    """Fixes the epoch count from the first epoch's duration when a time budget is given."""
+    """With a time budget, fits the epoch count to it after each of the first two epochs."""
 
     def __init__(self, recipe: Recipe, steps_per_epoch: int) -> None:
         self.recipe = recipe
@@ -515,7 +512,15 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(
             out_dir / "best.safetensors",
             net,
-            metadata=provenance(train, val, recipe, landmark_source, info, init_from=args.init_from),
+            metadata=provenance(
+                train,
+                val,
+                recipe,
+                landmark_source,
+                info,
+                init_from=args.init_from,
+                model_version=args.model_version,
+            ),
             dtype=torch.float16,
         )
 
@@ -545,6 +550,7 @@ def provenance(
     landmark_source: str,
     info: dict[str, Any],
     init_from: Path | None = None,
+    model_version: str | None = None,
 ) -> dict[str, Any]:
     return {
         "train_data": train.source,
@@ -561,8 +567,8 @@ def provenance(
         "trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        # What the service reports as the model version: the data it learnt from and the day.
-        "version": f"{Path(str(train.source)).stem}-{datetime.now(UTC):%Y.%m.%d}",
+        # What the service reports as the model version.
+        "version": model_version or f"{Path(str(train.source)).stem}-{datetime.now(UTC):%Y.%m.%d}",
     }
 
 
@@ -583,7 +589,7 @@ def add_common(parser: argparse.ArgumentParser, defaults: Recipe) -> None:
         dest="time_budget_s",
         type=float,
         default=None,
-        help="seconds; sets epochs after epoch 1",
+        help="seconds; the epoch count is fitted to it after each of the first two epochs",
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -627,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start from this FERMam checkpoint instead of random weights",
     )
+    fm.add_argument("--model-version", default=None, help="version the service reports (default: data-date)")
     fm.add_argument("--label-smoothing", type=float, default=0.0)
     fm.add_argument(
         "--ir-units",

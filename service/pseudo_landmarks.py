@@ -26,23 +26,18 @@ FALLBACK_MARGIN = 0.08
 def _label_chunk(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from PIL import Image
 
-    from service.engine.faces import create_face_backend
+    from service.engine.faces import create_face_backend, landmarks_in_crops
 
     backend = create_face_backend("dlib", min_face_size=40, upsample=0)
-    n = len(images)
-    points = np.zeros((n, 68, 2), np.float32)
-    detected = np.zeros(n, bool)
-    scores = np.zeros(n, np.float32)
-    margin = FALLBACK_MARGIN * WORK_SIDE
-    fallback = (margin, margin, WORK_SIDE - 2 * margin, WORK_SIDE - 2 * margin)
-    for i, face in enumerate(images):
-        big = np.asarray(Image.fromarray(face).convert("RGB").resize((WORK_SIDE, WORK_SIDE), Image.BILINEAR))
-        found = backend.detect([big])[0]
-        best = found[0] if found else backend.landmarks_for_boxes(big, [fallback])[0]
-        points[i] = best.landmarks / WORK_SIDE
-        detected[i] = bool(found)
-        scores[i] = best.score if found else 0.0
-    return points, detected, scores
+    big = [
+        np.asarray(Image.fromarray(face).resize((WORK_SIDE, WORK_SIDE), Image.BILINEAR)) for face in images
+    ]
+    inner = 1 - 2 * FALLBACK_MARGIN
+    faces = landmarks_in_crops(backend, big, fallback_box=(FALLBACK_MARGIN, FALLBACK_MARGIN, inner, inner))
+    points = np.stack([f.landmarks for f in faces]) / WORK_SIDE
+    detected = np.array([f.detected for f in faces])
+    scores = np.array([f.score if f.detected else 0.0 for f in faces], np.float32)
+    return points.astype(np.float32), detected, scores
 
 
 def label_faces(images: np.ndarray, workers: int = 1, chunk: int = 512) -> dict[str, np.ndarray]:

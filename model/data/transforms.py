@@ -17,6 +17,24 @@ from model.config import InputContract
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in 0..1 -> (N, 1, H, W) luminance with PIL's weights."""
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True)
+
+
+def normalise(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
+    """(N, C, S, S) float crops in 0..1, C = 1 (grayscale) or 3 -> the network's (N, 3, S, S).
+
+    The step every path shares last: the aligned crops of the service (service.engine.align)
+    and the resized faces of training and evaluation (to_model_input).
+    """
+    x = x.expand(-1, 3, -1, -1)  # grayscale replicated to the network's 3 channels
+    mean = torch.tensor(contract.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(contract.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
 def to_model_input(images: torch.Tensor | np.ndarray, contract: InputContract) -> torch.Tensor:
     """Face crops -> normalised float32 (N, 3, S, S) on the input's device.
 
@@ -32,12 +50,8 @@ def to_model_input(images: torch.Tensor | np.ndarray, contract: InputContract) -
     x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
     x = x.permute(0, 3, 1, 2)  # (N, C, H, W), C in {1, 3}
     if contract.colour_mode == "gray" and x.shape[1] == 3:
-        weights = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x * weights).sum(dim=1, keepdim=True)
+        x = luminance(x)
     size = contract.input_size
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S): grayscale replicated to the network's 3 channels
-    mean = torch.tensor(contract.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(contract.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return normalise(x, contract)

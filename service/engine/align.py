@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import InputContract, five_points
-
-# ITU-R 601-2 luma, the weights PIL's "L" conversion uses (FER2013 faces are such grayscale).
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+from model.data.transforms import luminance, normalise
 
 Padding = Literal["zeros", "border"]
 
@@ -114,9 +112,8 @@ def align_faces(
             torch.from_numpy(np.require(image, requirements=["C", "W"])).to(device).permute(2, 0, 1).float()
             / 255.0
         )
-        if gray:
-            luma = torch.tensor(LUMA_WEIGHTS, device=device).view(3, 1, 1)
-            pixels = (pixels * luma).sum(dim=0, keepdim=True)
+        if gray:  # before the warp: one channel to sample instead of three
+            pixels = luminance(pixels[None])[0]
         batch[slot[image_index], :, : image.shape[0], : image.shape[1]] = pixels
 
     # For every crop pixel (u, v): the image point it comes from, x = A^-1 ((u, v) - t).
@@ -151,8 +148,4 @@ def align_faces(
         [slot[i] * most + per_image[slot[i]].index(k) for k, i in enumerate(image_indices)], device=device
     )
     crops = warped.reshape(len(used) * most, channels, size, size).index_select(0, order)
-    if gray:
-        crops = crops.expand(-1, 3, -1, -1)
-    mean = torch.tensor(contract.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(contract.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return ((crops - mean) / std).contiguous()
+    return normalise(crops, contract)

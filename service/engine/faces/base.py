@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-NUM_LANDMARKS = 68
-# Outer eye corners (iBUG order) used to normalise landmark errors.
-OUTER_EYE_CORNERS = (36, 45)
+from model.config import NUM_LANDMARKS, OUTER_EYE_CORNERS  # noqa: F401  (re-exported)
 
 Box = tuple[float, float, float, float]
 
