@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package."""
+"""Fixtures shared by every test package (here, not in tests/, so that tests/model and tests/service
+cannot shadow the real packages on sys.path)."""
 
 from __future__ import annotations
 
