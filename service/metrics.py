@@ -25,7 +25,10 @@ COMPUTE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FACES_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 64)
 
+# `fermam_rejections_total` counts requests (one per refused or dropped request);
+# `fermam_batch_items_skipped_total` counts the queued items a batcher dropped (images or faces).
 REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "too_large", "bad_image", "shutdown")
+SKIP_REASONS = ("cancelled", "deadline", "shutdown")
 
 
 class ServiceMetrics:
@@ -75,10 +78,19 @@ class ServiceMetrics:
             "fermam_faces_per_image", "Faces reported per image.", buckets=FACES_BUCKETS, registry=r
         )
         self.rejections = Counter(
-            "fermam_rejections", "Work refused or dropped, by reason.", ["reason"], registry=r
+            "fermam_rejections",
+            "Requests refused or dropped, by reason (once per request).",
+            ["reason"],
+            registry=r,
         )
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
+        self.batch_items_skipped = Counter(
+            "fermam_batch_items_skipped",
+            "Queued items (images or faces) a stage dropped without computing them, by reason.",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.model_info = Info("fermam_model", "The loaded model and face backend.", registry=r)
         self.device_memory = Gauge(
             "fermam_device_memory_bytes", "Memory allocated by torch on the model's device.", registry=r
@@ -92,8 +104,9 @@ class ServiceMetrics:
         """Read device memory at scrape time rather than polling it."""
         self.device_memory.set_function(read_bytes)
 
-    def reject(self, reason: str, count: int = 1) -> None:
-        self.rejections.labels(reason).inc(count)
+    def reject(self, reason: str) -> None:
+        """Count one refused or dropped request (never its items: see `StageMetrics.skipped`)."""
+        self.rejections.labels(reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -103,7 +116,9 @@ class StageMetrics:
     """Implements the batcher's observer protocol for one stage's metrics."""
 
     def __init__(self, metrics: ServiceMetrics, stage: str) -> None:
+        self._skipped = {reason: metrics.batch_items_skipped.labels(stage, reason) for reason in SKIP_REASONS}
         self._metrics = metrics
+        self._stage = stage
         self._queue_wait = metrics.queue_wait.labels(stage)
         self._compute = metrics.batch_compute.labels(stage)
         self._size = metrics.batch_size.labels(stage)
@@ -119,4 +134,7 @@ class StageMetrics:
             self._queue_wait.observe(wait)
 
     def skipped(self, reason: str, count: int) -> None:
-        self._metrics.reject(reason, count)
+        """Items dropped by the batcher; the request they belong to is counted as a rejection
+        once, where the request fails (engine or HTTP layer)."""
+        counter = self._skipped.get(reason) or self._metrics.batch_items_skipped.labels(self._stage, reason)
+        counter.inc(count)

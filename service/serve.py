@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,9 @@ from pydantic import ValidationError
 from service.settings import Settings
 
 log = logging.getLogger("fermam.serve")
+
+# Once the drain deadline has passed, uvicorn still gets this long to flush finished responses.
+FLUSH_S = 1.0
 
 
 def _flag(name: str) -> str:
@@ -127,6 +131,10 @@ class DrainingServer:
     new work gets 503 while the listener stays open (load balancers notice via /readyz); once
     in-flight requests finish, or the drain timeout passes, uvicorn shuts down. A second signal
     exits at once.
+
+    One deadline, fixed at the signal, bounds everything that follows (this drain, uvicorn's
+    graceful shutdown, the app's lifespan and both batchers): about `drain_timeout_s` plus a few
+    seconds of grace, which is what the pod's termination grace period must allow.
     """
 
     def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
@@ -155,12 +163,15 @@ class DrainingServer:
             self._server.force_exit = True
             return
         self._draining = True
+        deadline = time.monotonic() + self._drain_timeout_s
         log.info("received %s: draining for up to %.0f s", signal.Signals(sig).name, self._drain_timeout_s)
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(deadline)))
 
-    async def _drain(self) -> None:
-        self._state.begin_drain()
-        finished = await self._state.wait_idle(self._drain_timeout_s)
+    async def _drain(self, deadline: float) -> None:
+        self._state.begin_drain(deadline)
+        finished = await self._state.wait_idle(self._state.drain_remaining_s())
         if not finished:
             log.warning("drain timeout: %d request(s) still in flight", self._state.in_flight)
+        # uvicorn reads this when it shuts down: wait for open connections only for what is left.
+        self._server.config.timeout_graceful_shutdown = max(FLUSH_S, self._state.drain_remaining_s())
         self._server.should_exit = True

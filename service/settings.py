@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     face_weights_dir: Path | None = Field(
         None, description="Folder with the face backend's weights (default: the backend's own)."
     )
-    detector: Literal["sfd", "blazeface", "dlib"] = Field(
+    # The detectors whose weights fan_backend knows (its DETECTOR_FILES); a test keeps them equal.
+    detector: Literal["sfd", "blazeface", "retinaface"] = Field(
         "sfd", description="face-alignment's face detector (ignored by the dlib backend)."
     )
     min_face_size: int = Field(20, ge=0, description="Default smallest face side, in pixels, reported.")

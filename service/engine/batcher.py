@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+log = logging.getLogger("fermam.batcher")
+
+# After the drain deadline, how long `close` still waits for the worker to leave a running batch.
+# The thread is a daemon, so giving up only means not waiting for it.
+JOIN_GRACE_S = 1.0
 
 
 class BatcherError(Exception):
@@ -46,6 +53,10 @@ class DeadlineExceeded(BatcherError):
 
 class ShuttingDown(BatcherError):
     """The batcher no longer accepts work, or stopped before it reached this item."""
+
+
+class WorkerError(BatcherError):
+    """The worker failed outside the batch function (e.g. in an observer) while holding this item."""
 
 
 class BatchObserver(Protocol):
@@ -88,6 +99,21 @@ class _Entry(Generic[T]):
     deadline: float | None
     # Set from the event loop when the caller's future is cancelled (client went away).
     cancelled: bool = field(default=False)
+
+
+async def gather_or_cancel(awaitables: Sequence[Awaitable[R]]) -> list[R]:
+    """`asyncio.gather`, except that the first error also cancels the others.
+
+    Plain `gather` raises the first error but leaves the siblings running, so the rest of a
+    failed request would still occupy the batchers; cancelled batcher items are skipped instead.
+    """
+    futures = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*futures))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
 
 
 def _deliver(future: asyncio.Future, value: object, error: BaseException | None) -> None:
@@ -153,7 +179,9 @@ class DynamicBatcher(Generic[T, R]):
     def close(self, drain_timeout_s: float = 30.0) -> None:
         """Stop accepting, let queued items finish within the timeout, fail the rest, join the worker.
 
-        Blocking; call it from a thread (or `await aclose()`), never from the event loop directly.
+        Returns within `drain_timeout_s + JOIN_GRACE_S`: a batch still running then is left to its
+        (daemon) thread. Blocking; call it from a thread (or `await aclose()`), never from the
+        event loop directly.
         """
         deadline = time.monotonic() + drain_timeout_s
         with self._cond:
@@ -172,7 +200,7 @@ class DynamicBatcher(Generic[T, R]):
             self._observer.skipped("shutdown", len(leftovers))
         self._observer.queue_depth(0)
         if thread is not None:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + JOIN_GRACE_S)
         with self._cond:
             self._thread = None
 
@@ -185,6 +213,12 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def healthy(self) -> bool:
+        """The worker thread is running: without it, queued items would never be answered."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
 
     @property
     def retry_after_s(self) -> float:
@@ -227,8 +261,11 @@ class DynamicBatcher(Generic[T, R]):
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Entry[T]] | None:
-        """Block until a batch is due (full, or the oldest item waited long enough); None to exit."""
+    def _take_batch(self) -> tuple[list[_Entry[T]], int] | None:
+        """Block until a batch is due (full, or the oldest item waited long enough); None to exit.
+
+        Returns the batch and the queue depth left behind.
+        """
         with self._cond:
             while True:
                 if self._stopping:
@@ -242,23 +279,51 @@ class DynamicBatcher(Generic[T, R]):
                     size = min(self.max_batch_size, len(self._queue))
                     batch = [self._queue.popleft() for _ in range(size)]
                     self._running_batch = len(batch)
-                    depth = len(self._queue)
-                    break
+                    return batch, len(self._queue)
                 self._cond.wait(timeout=remaining)
-        self._observer.queue_depth(depth)
-        return batch
 
     def _worker(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            finally:
-                with self._cond:
-                    self._running_batch = 0
-                    self._cond.notify_all()
+        try:
+            while True:
+                taken = self._take_batch()
+                if taken is None:
+                    return
+                batch, depth = taken
+                try:
+                    self._observer.queue_depth(depth)
+                    self._run(batch)
+                except BaseException as error:  # noqa: BLE001 - the worker must outlive any batch
+                    # Without this, one observer bug would kill the thread and leave every caller
+                    # of this and later batches waiting forever.
+                    log.exception("%s: batch of %d failed outside the batch function", self.name, len(batch))
+                    self._fail(batch, error)
+                finally:
+                    with self._cond:
+                        self._running_batch = 0
+                        self._cond.notify_all()
+        finally:
+            self._abandon_queue()
+
+    def _fail(self, batch: list[_Entry[T]], error: BaseException) -> None:
+        """Answer every entry of the batch not answered yet (`_deliver` skips resolved futures)."""
+        if not isinstance(error, Exception):
+            # KeyboardInterrupt & co. must not be raised inside the event loop by an awaiting caller.
+            wrapped = WorkerError(f"{self.name}: worker interrupted by {type(error).__name__}")
+            wrapped.__cause__ = error
+            error = wrapped
+        for entry in batch:
+            self._resolve(entry, None, error)
+
+    def _abandon_queue(self) -> None:
+        """On worker exit, refuse new work and fail what is queued (empty after a normal close)."""
+        with self._cond:
+            self._accepting = False
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        if leftovers:
+            log.error("%s: worker stopped with %d item(s) queued", self.name, len(leftovers))
+            self._fail(leftovers, WorkerError(f"{self.name}: the worker stopped before this item ran"))
 
     def _run(self, batch: list[_Entry[T]]) -> None:
         started = time.monotonic()

@@ -6,6 +6,9 @@ images with alpha (RGBA, LA, PA, transparent palettes) are composited on WHITE, 
 how viewers show a transparent portrait, whereas dropping alpha exposes whatever colour the
 encoder left under transparent pixels (often black, sometimes garbage). EXIF orientation (1-8) is
 applied, so coordinates computed on the result refer to the upright image the user sees.
+
+MPO (a JPEG followed by more JPEGs: phones' portrait and multi-lens shots) is read as its first
+frame, which is the photo itself; the other frames are depth maps or other views.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})
 EXIF_ORIENTATION_TAG = 0x0112
 WHITE = (255, 255, 255)
 
@@ -45,7 +48,7 @@ class DecodedImage:
     """Upright RGB pixels plus what the file said about itself."""
 
     pixels: np.ndarray  # (H, W, 3) uint8 RGB, upright
-    format: str  # "JPEG", "PNG", "WEBP" or "BMP"
+    format: str  # one of SUPPORTED_FORMATS
     original_mode: str  # PIL mode before conversion, e.g. "CMYK", "I;16", "P"
     original_size: tuple[int, int]  # (width, height) as stored, before EXIF orientation
     orientation: int  # EXIF orientation that was applied (1 = none)

@@ -23,8 +23,16 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import FERMamConfig
+from model.device import resolve_device
 from service.engine.align import align_faces
-from service.engine.batcher import Batched, DeadlineExceeded, DynamicBatcher, QueueFull, ShuttingDown
+from service.engine.batcher import (
+    Batched,
+    DeadlineExceeded,
+    DynamicBatcher,
+    QueueFull,
+    ShuttingDown,
+    gather_or_cancel,
+)
 from service.engine.decode import DecodedImage, ImageDecodeError, decode_image
 from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
 from service.metrics import ServiceMetrics
@@ -47,7 +55,7 @@ class InvalidRequest(ValueError):
 class ImageRejected(Exception):
     """One image of a request could not be used; `cause` is the decoder's typed error."""
 
-    def __init__(self, index: int, cause: Exception) -> None:
+    def __init__(self, index: int, cause: ImageDecodeError) -> None:
         super().__init__(f"image {index}: {cause}")
         self.index = index
         self.cause = cause
@@ -140,15 +148,6 @@ class _FaceQuery:
     boxes: tuple[Box, ...] | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -232,7 +231,7 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         self._detect: DynamicBatcher[_FaceQuery, ImageFaces] | None = None
         self._classify: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
-        self.ready = False
+        self._accepting = False
         self._warmed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -250,9 +249,21 @@ class Engine:
             self._classify_batch([torch.zeros(3, size, size) for _ in range(batch)])
         self._warmed = True
 
+    @property
+    def ready(self) -> bool:
+        """Started, not stopping, and both stages' worker threads alive (a dead worker would
+        leave every request it gets waiting until its deadline)."""
+        return (
+            self._accepting
+            and self._detect is not None
+            and self._classify is not None
+            and self._detect.healthy
+            and self._classify.healthy
+        )
+
     async def start(self) -> None:
         """Warm up, then start the decode pool and both batchers; `ready` turns true at the end."""
-        if self.ready:
+        if self._accepting:
             return
         await asyncio.to_thread(self.warm_up)
         s = self.settings
@@ -275,7 +286,7 @@ class Engine:
         )
         self._detect.start()
         self._classify.start()
-        self.ready = True
+        self._accepting = True
         log.info(
             "engine ready: %s on %s (%s), faces by %s",
             self.info.name,
@@ -286,17 +297,19 @@ class Engine:
 
     def stop_accepting(self) -> None:
         """Refuse new requests (readiness false) while in-flight ones continue."""
-        self.ready = False
+        self._accepting = False
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Finish queued work within the drain timeout, then release the threads."""
-        self.ready = False
+        """Finish queued work within the drain timeout (both stages together), then release the
+        threads."""
+        self._accepting = False
         timeout = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        # Stage 1 drains first: what it finishes may still need stage 2.
+        deadline = time.monotonic() + timeout
+        # Stage 1 drains first: what it finishes may still need stage 2, which gets what is left.
         if self._detect is not None:
-            await self._detect.aclose(timeout)
+            await self._detect.aclose(max(0.0, deadline - time.monotonic()))
         if self._classify is not None:
-            await self._classify.aclose(timeout)
+            await self._classify.aclose(max(0.0, deadline - time.monotonic()))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._detect = self._classify = None
@@ -319,22 +332,30 @@ class Engine:
         `deadline` is a `time.monotonic()` instant; past it the request fails with
         `DeadlineExceeded` and its queued items are dropped. Raises `ImageRejected` (decode
         errors, with the image index), `InvalidRequest`, `QueueFull`, `NotReady`.
+
+        A failed request is counted here, once, in `fermam_rejections_total` (a client that goes
+        away is counted by the HTTP layer, which cancels this call).
         """
         options = options or RequestOptions()
-        if not self.ready or self._detect is None or self._classify is None or self._pool is None:
+        if not self.ready or self._pool is None:
             raise NotReady("the engine is not ready")
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 return await self._infer(images, options, deadline)
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded):
+            # The batcher may notice the deadline (item expired in its queue) before the timer.
             self.metrics.reject("deadline")
             raise DeadlineExceeded("the request's deadline passed") from None
         except QueueFull:
             self.metrics.reject("queue_full")
             raise
+        except ImageRejected as error:
+            self.metrics.reject(error.cause.code)
+            raise
         except ShuttingDown as error:
+            self.metrics.reject("shutdown")
             raise NotReady(str(error)) from None
 
     def _check_options(self, images: Sequence[bytes], options: RequestOptions) -> None:
@@ -358,8 +379,9 @@ class Engine:
         started = time.monotonic()
         timings = Timings()
 
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images))
+        # On the first error, the request's other decodes and queued items are cancelled.
+        decoded = await gather_or_cancel(
+            [loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images)]
         )
         timings.decode_s = time.monotonic() - started
         self.metrics.images.inc(len(decoded))
@@ -371,7 +393,9 @@ class Engine:
             )
             for d in decoded
         ]
-        stage1: list[Batched[ImageFaces]] = await asyncio.gather(*self._detect.submit_many(queries, deadline))
+        stage1: list[Batched[ImageFaces]] = await gather_or_cancel(
+            self._detect.submit_many(queries, deadline)
+        )
         timings.detect_queue_s = max(r.queue_s for r in stage1)
         timings.detect_s = max(r.compute_s for r in stage1)
 
@@ -389,7 +413,7 @@ class Engine:
                 self.config.contract,
             )
             timings.align_s = time.monotonic() - align_started
-            stage2 = await asyncio.gather(*self._classify.submit_many(list(crops), deadline))
+            stage2 = await gather_or_cancel(self._classify.submit_many(list(crops), deadline))
             timings.classify_queue_s = max(r.queue_s for r in stage2)
             timings.classify_s = max(r.compute_s for r in stage2)
             probabilities = [r.value for r in stage2]
@@ -403,7 +427,6 @@ class Engine:
         try:
             return decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
         except ImageDecodeError as error:  # mapped to 413 / 415 by the HTTP layer
-            self.metrics.reject(error.code)
             raise ImageRejected(index, error) from error
 
     def _assemble(
@@ -427,7 +450,7 @@ class Engine:
                     width=image.width,
                     height=image.height,
                     faces=faces,
-                    skipped_small=getattr(found.value, "skipped_small", 0),
+                    skipped_small=found.value.skipped_small,
                     skipped_over_max=len(found.value) - len(kept[index]),
                 )
             )
@@ -454,18 +477,21 @@ class Engine:
     # -- batch functions (run on the batchers' worker threads) ----------------------------------
 
     def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
-        out: list[ImageFaces | BaseException] = [ImageFaces()] * len(queries)
-        to_detect = [i for i, q in enumerate(queries) if q.boxes is None]
+        to_detect = [q for q in queries if q.boxes is None]
+        found: list[ImageFaces] = []
         if to_detect:
             found = self.face_backend.detect(
-                [queries[i].image for i in to_detect],
-                min_face_size=[queries[i].min_face_size for i in to_detect],
+                [q.image for q in to_detect], min_face_size=[q.min_face_size for q in to_detect]
             )
-            for i, faces in zip(to_detect, found, strict=True):
-                out[i] = faces
-        for i, query in enumerate(queries):
-            if query.boxes is not None:
-                out[i] = ImageFaces(self.face_backend.landmarks_for_boxes(query.image, list(query.boxes)))
+        if len(found) != len(to_detect):
+            raise RuntimeError(f"face backend answered {len(found)} of {len(to_detect)} images")
+        detected = iter(found)
+        out: list[ImageFaces | BaseException] = []
+        for query in queries:
+            if query.boxes is None:
+                out.append(next(detected))
+            else:
+                out.append(ImageFaces(self.face_backend.landmarks_for_boxes(query.image, list(query.boxes))))
         return out
 
     @torch.inference_mode()

@@ -95,8 +95,8 @@ class BodySizeLimit:
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. Without `engine`, the lifespan loads one from `settings` (blocking, in a thread).
 
-    Readiness turns true only once the engine is loaded and warmed up; on shutdown the engine
-    drains within `settings.drain_timeout_s`.
+    Readiness turns true only once the engine is loaded and warmed up; on shutdown in-flight work
+    and the engine drain within one `settings.drain_timeout_s`, counted from when draining began.
     """
     metrics = engine.metrics if engine is not None else ServiceMetrics()
     state = ServiceState(settings, metrics)
@@ -108,9 +108,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # After SIGTERM the deadline is already set (serve.py): these steps get what is left.
             state.begin_drain()
-            await state.wait_idle(settings.drain_timeout_s)
-            await state.engine.stop(settings.drain_timeout_s)
+            await state.wait_idle(state.drain_remaining_s())
+            await state.engine.stop(state.drain_remaining_s())
 
     app = FastAPI(
         title="fermam-service",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,6 +23,8 @@ class ServiceState:
         self.metrics = metrics
         self.engine: Engine | None = None
         self.draining = False
+        # Monotonic instant by which the whole shutdown must be over; set once, when draining starts.
+        self.drain_deadline: float | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -45,12 +48,29 @@ class ServiceState:
         if self._in_flight == 0:
             self._idle.set()
 
-    def begin_drain(self) -> None:
-        """Readiness false and new work refused; in-flight requests carry on."""
+    def begin_drain(self, deadline: float | None = None) -> None:
+        """Readiness false and new work refused; in-flight requests carry on.
+
+        The first call fixes the shutdown deadline (`deadline`, default `drain_timeout_s` from
+        now); every later shutdown step gets only `drain_remaining_s()`, so the steps together
+        never take more than one drain timeout.
+        """
         self.draining = True
+        if self.drain_deadline is None:
+            self.drain_deadline = (
+                time.monotonic() + self.settings.drain_timeout_s if deadline is None else deadline
+            )
+
+    def drain_remaining_s(self) -> float:
+        """Seconds left of the shutdown deadline (the full drain timeout before draining began)."""
+        if self.drain_deadline is None:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.drain_deadline - time.monotonic())
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True if every in-flight request finished within the timeout."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
@@ -63,6 +83,7 @@ def get_state(request: Request) -> ServiceState:
 
 
 def get_engine(request: Request) -> Engine:
+    """The one readiness gate of the API routes (starting, draining, or a stage's worker dead)."""
     state = get_state(request)
     if not state.ready or state.engine is None:
         raise ApiError(503, "not_ready", "the service is starting or draining; retry elsewhere")

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.batcher import DeadlineExceeded, QueueFull
-from service.engine.decode import ImageTooLarge, NotAnImage
+from service.engine.decode import ImageTooLarge
 from service.engine.pipeline import ImageRejected, InvalidRequest, NotReady
 
 log = logging.getLogger("fermam.http")
@@ -38,17 +38,25 @@ def error_response(
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+# What the engine raises for a request it will not or cannot serve; anything else is a bug (500).
+EXPECTED_ENGINE_ERRORS: tuple[type[Exception], ...] = (
+    ImageRejected,
+    InvalidRequest,
+    QueueFull,
+    DeadlineExceeded,
+    NotReady,
+)
+
+
 def to_api_error(error: BaseException) -> ApiError:
     """Translate an engine or batcher exception into the API's vocabulary."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, ImageRejected):
-        cause = error.cause
-        if isinstance(cause, ImageTooLarge):
+        # The decoder raises only ImageTooLarge or NotAnImage.
+        if isinstance(error.cause, ImageTooLarge):
             return ApiError(413, "too_large", str(error))
-        if isinstance(cause, NotAnImage):
-            return ApiError(415, "not_an_image", str(error))
-        return ApiError(415, "bad_image", str(error))
+        return ApiError(415, "not_an_image", str(error))
     if isinstance(error, InvalidRequest):
         return ApiError(422, "invalid_request", str(error))
     if isinstance(error, QueueFull):
@@ -76,6 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
         return error_response(error.status, error.code, error.message, error.headers)
 
+    async def _engine_error(request: Request, error: Exception) -> JSONResponse:
+        api = to_api_error(error)
+        return error_response(api.status, api.code, api.message, api.headers)
+
+    # Handled here rather than by the catch-all below, which is reserved for bugs (logged, 500).
+    for kind in EXPECTED_ENGINE_ERRORS:
+        app.add_exception_handler(kind, _engine_error)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid_request", _validation_message(error))
@@ -87,7 +103,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        api = to_api_error(error)
-        if api.status >= 500 and not isinstance(error, NotReady):
-            log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return error_response(api.status, api.code, api.message, api.headers)
+        # Starlette re-raises the error after this response, so the server logs it too.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        return error_response(500, "internal", "internal error; it was logged")

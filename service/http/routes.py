@@ -11,21 +11,26 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.engine.pipeline import Engine, InferenceResult, RequestOptions
 from service.http import schemas
-from service.http.deps import ApiKey, EngineDep, StateDep
-from service.http.errors import ApiError, to_api_error
+from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep
+from service.http.errors import ApiError
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
+# MIME-wrapped base64 (RFC 2045) breaks lines every 76 characters; b64decode(validate=True) would refuse.
+_ASCII_WHITESPACE = dict.fromkeys(map(ord, " \t\n\r\x0b\x0c"))
 
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
     for status, text in {
+        400: "The multipart body is malformed (boundary, part headers, too many fields).",
         401: "Missing or invalid API key.",
         413: "An image exceeds the byte or pixel limit, or too many images.",
         415: "Not an image, or the body is neither multipart/form-data nor JSON.",
@@ -106,15 +111,14 @@ async def models(engine: EngineDep) -> schemas.ModelList:
     openapi_extra={"requestBody": _REQUEST_BODY},
     tags=["expressions"],
 )
-async def expressions(request: Request, response: Response, state: StateDep) -> schemas.ExpressionResponse:
+async def expressions(
+    request: Request, response: Response, state: StateDep, engine: EngineDep
+) -> schemas.ExpressionResponse:
     """Faces, 68 landmarks and expression probabilities for each image.
 
     Send `multipart/form-data` with one or more `files` (options as form fields), or JSON with
     base64 `images`. Header `X-Request-Timeout-Ms` sets a deadline (capped by the server).
     """
-    if state.draining:
-        raise ApiError(503, "not_ready", "the service is draining; retry elsewhere")
-    engine = _ready_engine(state.engine)
     if request.query_params:
         raise ApiError(422, "invalid_request", f"unknown query parameters: {', '.join(request.query_params)}")
     deadline = _deadline(request, state.settings.default_timeout_ms, state.settings.max_timeout_ms)
@@ -122,12 +126,9 @@ async def expressions(request: Request, response: Response, state: StateDep) -> 
     try:
         images, options = await _read_request(request, state.settings)
         result = await _infer_unless_disconnected(request, engine, images, options, deadline, state)
-    except ApiError:
-        raise
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        raise to_api_error(error) from error
+    except ClientDisconnect:
+        # Gone while we read its body; engine errors go to the handlers in errors.py.
+        raise _client_gone(state) from None
     finally:
         state.work_finished()
     timings = result.timings
@@ -137,10 +138,10 @@ async def expressions(request: Request, response: Response, state: StateDep) -> 
     return _to_response(engine, result)
 
 
-def _ready_engine(engine: Engine | None) -> Engine:
-    if engine is None or not engine.ready:
-        raise ApiError(503, "not_ready", "the service is starting or draining; retry elsewhere")
-    return engine
+def _client_gone(state: ServiceState) -> ApiError:
+    """Count the request as cancelled; the 499 is for the logs, nobody is left to read it."""
+    state.metrics.reject("cancelled")
+    return ApiError(499, "client_closed_request", "the client disconnected")
 
 
 def _deadline(request: Request, default_ms: int, max_ms: int) -> float:
@@ -193,7 +194,10 @@ def _invalid(error: ValidationError) -> ApiError:
 
 async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes], RequestOptions]:
     # File count is checked by us (413 with a clear message) rather than by the parser (400).
-    form = await request.form(max_files=10_000, max_fields=100, max_part_size=64 * 1024)
+    try:
+        form = await request.form(max_files=10_000, max_fields=100, max_part_size=64 * 1024)
+    except StarletteHTTPException as error:  # Starlette's rendering of a malformed body
+        raise ApiError(400, "invalid_request", f"malformed multipart body: {error.detail}") from None
     try:
         files: list[bytes] = []
         fields: dict[str, str] = {}
@@ -240,6 +244,7 @@ async def _read_json(request: Request, settings: Any) -> tuple[list[bytes], Requ
         raise ApiError(413, "too_many_files", f"at most {settings.max_files} images per request")
     images = []
     for index, text in enumerate(parsed.images):
+        text = text.translate(_ASCII_WHITESPACE)
         if text.startswith("data:"):
             text = text.partition(",")[2]
         # base64 grows 4/3; refuse before decoding what cannot fit.
@@ -269,8 +274,7 @@ async def _infer_unless_disconnected(
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if work not in done:
             work.cancel()
-            state.metrics.reject("cancelled")
-            raise ApiError(499, "client_closed_request", "the client disconnected")
+            raise _client_gone(state)
         return work.result()
     finally:
         watcher.cancel()

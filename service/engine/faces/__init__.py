@@ -46,7 +46,7 @@ def create_face_backend(
       `weights_dir` may hold `shape_predictor_68_face_landmarks.dat` (default: the copy bundled in
       face-recognition-models); `detector` is ignored.
     - `face-alignment`: `detector` is one of face_alignment's detectors ("sfd", "blazeface",
-      "dlib"); weights are read from `weights_dir` (default `$TORCH_HOME/hub/checkpoints`) and
+      "retinaface"); weights are read from `weights_dir` (default `$TORCH_HOME/hub/checkpoints`) and
       fetched only when `allow_download` is true; otherwise missing files raise at construction.
       `upsample` is not used.
     """

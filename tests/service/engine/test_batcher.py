@@ -16,6 +16,8 @@ from service.engine.batcher import (
     DynamicBatcher,
     QueueFull,
     ShuttingDown,
+    WorkerError,
+    gather_or_cancel,
 )
 
 
@@ -341,6 +343,109 @@ def test_every_item_gets_exactly_one_answer_under_concurrent_load() -> None:
             assert answer == i * 3
     computed = sum(observer.batch_sizes)
     assert computed + observer.skips.get("deadline", 0) == 2000
+
+
+class ObserverFailingOnce(RecordingObserver):
+    """An observer with a bug that shows once (metrics code is not the batch function)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def batch_done(self, size: int, queue_waits_s: Sequence[float], compute_s: float) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("observer bug")
+        super().batch_done(size, queue_waits_s, compute_s)
+
+
+def test_an_error_outside_the_batch_function_fails_that_batch_and_the_worker_carries_on() -> None:
+    observer = ObserverFailingOnce()
+
+    async def main() -> tuple[list, Batched[int], bool]:
+        batcher = DynamicBatcher(
+            double_all,
+            name="test",
+            observer=observer,
+            max_batch_size=4,
+            max_queue_delay_ms=20,
+            max_queue_size=64,
+        )
+        batcher.start()
+        try:
+            first = await asyncio.wait_for(
+                asyncio.gather(*batcher.submit_many([1, 2, 3, 4]), return_exceptions=True), 5
+            )
+            second = await asyncio.wait_for(batcher.submit(5), 5)
+            return first, second, batcher.healthy
+        finally:
+            await batcher.aclose()
+
+    first, second, healthy = asyncio.run(main())
+    assert all(isinstance(o, RuntimeError) and str(o) == "observer bug" for o in first)
+    assert second.value == 10
+    assert healthy and observer.batch_sizes == [1]
+
+
+def test_a_base_exception_in_the_batch_function_reaches_its_callers_as_an_error() -> None:
+    def interrupted(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise KeyboardInterrupt
+        return items
+
+    async def main() -> tuple[list, int]:
+        batcher, _ = make(interrupted, max_batch_size=2, max_queue_delay_ms=0)
+        try:
+            failed = await asyncio.wait_for(
+                asyncio.gather(*batcher.submit_many([13]), return_exceptions=True), 5
+            )
+            after = await asyncio.wait_for(batcher.submit(7), 5)
+            return failed, after.value
+        finally:
+            await batcher.aclose()
+
+    failed, after = asyncio.run(main())
+    assert isinstance(failed[0], WorkerError) and isinstance(failed[0].__cause__, KeyboardInterrupt)
+    assert after == 7
+
+
+def test_healthy_reports_whether_the_worker_runs() -> None:
+    batcher = DynamicBatcher(
+        double_all, name="test", max_batch_size=1, max_queue_delay_ms=0, max_queue_size=1
+    )
+    assert not batcher.healthy
+    batcher.start()
+    assert batcher.healthy
+    batcher.close(drain_timeout_s=1)
+    assert not batcher.healthy
+
+
+def test_gather_or_cancel_cancels_the_rest_of_a_failed_request() -> None:
+    release = threading.Event()
+    seen: list[int] = []
+
+    def first_fails(items: list[int]) -> list[int]:
+        seen.extend(items)
+        if items == [0]:
+            raise ValueError("bad first item")
+        release.wait(5)  # item 1 holds the worker while the failure reaches the caller
+        return items
+
+    async def main() -> tuple[list[asyncio.Future], RecordingObserver]:
+        batcher, observer = make(first_fails, max_batch_size=1, max_queue_delay_ms=0)
+        futures = batcher.submit_many([0, 1, 2])
+        try:
+            with pytest.raises(ValueError, match="bad first item"):
+                await asyncio.wait_for(gather_or_cancel(futures), 5)
+        finally:
+            release.set()
+            await batcher.aclose()
+        return futures, observer
+
+    futures, observer = asyncio.run(main())
+    assert futures[1].cancelled() and futures[2].cancelled()
+    assert seen == [0, 1]  # item 2 was dropped, not computed for a request that already failed
+    assert observer.skips == {"cancelled": 1}
 
 
 def test_invalid_configuration_is_refused() -> None:

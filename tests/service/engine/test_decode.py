@@ -209,3 +209,17 @@ def test_truncated_and_unsupported_files_raise_not_an_image(upright, tmp_path: P
         decode_image(encode(upright.convert("P"), "GIF"), **LIMITS)
     with pytest.raises(NotAnImage, match="unsupported"):
         decode_image(encode(upright, "TIFF"), **LIMITS)
+
+
+def test_a_multi_picture_jpeg_decodes_to_its_first_frame(upright, dlib_backend):
+    """Phones save portrait and multi-lens shots as MPO: a JPEG (the photo) followed by more JPEGs."""
+    second = upright.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("L").convert("RGB")
+    mpo = encode(upright, "MPO", save_all=True, append_images=[second], quality=95)
+    with Image.open(io.BytesIO(mpo)) as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+    decoded = decode_image(mpo, **LIMITS)
+    assert decoded.format == "MPO"
+    # The first frame alone, as a plain JPEG decoder reads it (an MPO starts with that JPEG).
+    first_frame = np.asarray(Image.open(io.BytesIO(encode(upright, "JPEG", quality=95))).convert("RGB"))
+    np.testing.assert_array_equal(decoded.pixels, first_frame)
+    assert len(dlib_backend.detect([decoded.pixels])[0]) == 2

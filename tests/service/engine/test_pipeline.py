@@ -113,11 +113,45 @@ def test_options_beyond_server_limits_are_refused(engine) -> None:
         infer(engine, [])
 
 
-def test_a_passed_deadline_fails_the_request_and_is_counted(engine) -> None:
-    before = engine.metrics.rejections.labels("deadline")._value.get()
+def rejections(engine: Engine) -> dict[str, float]:
+    registry = engine.metrics.registry
+    return {
+        reason: registry.get_sample_value("fermam_rejections_total", {"reason": reason})
+        for reason in ("deadline", "cancelled", "bad_image", "too_large")
+    }
+
+
+def test_a_passed_deadline_fails_the_request_and_counts_it_once(engine) -> None:
+    before = rejections(engine)
     with pytest.raises(DeadlineExceeded):
-        asyncio.run(engine.infer([photo(GROUP)], deadline=time.monotonic() + 0.001))
-    assert engine.metrics.rejections.labels("deadline")._value.get() > before
+        asyncio.run(engine.infer([photo(GROUP)] * 3, deadline=time.monotonic() + 0.001))
+    after = rejections(engine)
+    # One request, one rejection: not one per image, and its dropped items are not "cancelled".
+    assert after["deadline"] == before["deadline"] + 1
+    assert after["cancelled"] == before["cancelled"]
+
+
+def test_a_request_with_several_bad_images_counts_one_rejection(engine) -> None:
+    before = rejections(engine)
+    with pytest.raises(ImageRejected):
+        infer(engine, [b"not an image", photo(NO_FACE), b"nor this"])
+    assert rejections(engine)["bad_image"] == before["bad_image"] + 1
+
+
+def test_readiness_follows_the_stage_workers(engine_factory) -> None:
+    """A stage whose worker thread is gone would leave requests waiting: not ready then."""
+    engine = engine_factory()
+
+    async def main() -> list[bool]:
+        states = [engine.ready]
+        await engine.start()
+        states.append(engine.ready)
+        engine._classify.close(drain_timeout_s=0)  # the classify worker exits
+        states.append(engine.ready)
+        await engine.stop(0)
+        return states
+
+    assert asyncio.run(main()) == [False, True, False]
 
 
 def test_concurrent_requests_each_get_their_own_answer(engine) -> None:

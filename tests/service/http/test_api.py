@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 
 import pytest
@@ -134,6 +135,97 @@ def test_bad_input_gets_the_right_4xx(client, name, request_kwargs, status, code
     assert_error(client.post("/v1/expressions", **request_kwargs), status, code)
 
 
+MULTIPART_PART = (
+    b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="g.jpg"\r\n'
+    b"Content-Type: image/jpeg\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "body"),
+    [
+        ("no boundary", "multipart/form-data", MULTIPART_PART + b"\xff\xd8\r\n--b0undary--\r\n"),
+        (
+            "wrong boundary",
+            "multipart/form-data; boundary=other",
+            MULTIPART_PART + b"\xff\xd8\r\n--b0undary--\r\n",
+        ),
+        (
+            "part without a name",
+            "multipart/form-data; boundary=b0undary",
+            MULTIPART_PART.replace(b' name="files";', b"") + b"x\r\n--b0undary--\r\n",
+        ),
+        (
+            "too many fields",
+            "multipart/form-data; boundary=b0undary",
+            b"".join(
+                b'--b0undary\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+                for i in range(101)
+            )
+            + b"--b0undary--\r\n",
+        ),
+    ],
+)
+def test_a_malformed_multipart_body_gets_400_and_the_service_keeps_serving(
+    client, name, content_type, body
+) -> None:
+    response = client.post("/v1/expressions", content=body, headers={"content-type": content_type})
+    assert_error(response, 400, "invalid_request")
+    assert "malformed multipart" in response.json()["error"]["message"]
+    assert post_files(client, ("grass.jpg", photo(NO_FACE))).status_code == 200
+
+
+def test_mime_wrapped_base64_is_accepted(client) -> None:
+    wrapped = base64.encodebytes(photo(GROUP)).decode()  # a line break every 76 characters
+    assert "\n" in wrapped
+    as_mime = client.post("/v1/expressions", json={"images": [wrapped]})
+    plain = client.post("/v1/expressions", json={"images": [base64.b64encode(photo(GROUP)).decode()]})
+    assert as_mime.status_code == plain.status_code == 200, as_mime.text
+    boxes = [[f["box"] for f in r.json()["images"][0]["faces"]] for r in (as_mime, plain)]
+    assert boxes[0] == boxes[1] and len(boxes[0]) == 3
+
+
+def test_a_client_that_disconnects_mid_upload_is_counted_as_cancelled(client) -> None:
+    """The body read ends with http.disconnect: a cancelled request, not a 500."""
+    metrics = client.app.state.service.metrics
+    messages = [
+        {"type": "http.request", "body": MULTIPART_PART + photo(GROUP)[:2000], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/expressions",
+        "raw_path": b"/v1/expressions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"multipart/form-data; boundary=b0undary"),
+            (b"authorization", AUTH["Authorization"].encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    cancelled = {"reason": "cancelled"}
+    before = metrics.registry.get_sample_value("fermam_rejections_total", cancelled)
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert metrics.registry.get_sample_value("fermam_rejections_total", cancelled) == before + 1
+    assert client.app.state.service.in_flight == 0
+
+
 def test_the_service_keeps_serving_after_bad_input(client) -> None:
     assert_error(post_files(client, ("bomb.png", png_claiming(60_000, 60_000))), 413)
     assert_error(post_files(client, ("junk.jpg", b"\xff\xd8\xff" + b"\0" * 100)), 415)
@@ -192,7 +284,7 @@ def test_draining_turns_readiness_off_and_refuses_new_work(client) -> None:
         assert_error(client.get("/readyz"), 503, "not_ready")
         assert_error(post_files(client, ("grass.jpg", photo(NO_FACE))), 503, "not_ready")
     finally:
-        state.draining = False
+        state.draining, state.drain_deadline = False, None
     assert client.get("/readyz").status_code == 200
 
 
@@ -203,3 +295,20 @@ def test_a_full_queue_gives_429_with_retry_after(engine_factory) -> None:
         assert_error(response, 429, "queue_full")
         assert int(response.headers["retry-after"]) >= 1
         assert post_files(client, ("a.jpg", photo(NO_FACE))).status_code == 200
+
+
+def test_a_bug_gives_a_logged_500_and_a_dead_stage_worker_turns_readiness_off(engine_factory, caplog) -> None:
+    engine = engine_factory()
+    app = create_app(engine.settings, engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        # A bug stand-in: the decode pool gone while the engine still says ready.
+        engine._pool.shutdown()
+        with caplog.at_level(logging.ERROR, logger="fermam.http"):
+            response = post_files(client, ("grass.jpg", photo(NO_FACE)))
+        assert_error(response, 500, "internal")
+        (record,) = [r for r in caplog.records if r.name == "fermam.http"]
+        assert "/v1/expressions" in record.getMessage() and record.exc_info is not None
+        # A stage whose worker thread has exited can answer nothing: readiness off, new work 503.
+        engine._classify.close(drain_timeout_s=0)
+        assert_error(client.get("/readyz"), 503, "not_ready")
+        assert_error(post_files(client, ("grass.jpg", photo(NO_FACE))), 503, "not_ready")
