@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from model.augment import (
@@ -182,6 +182,21 @@ class EpochPlan:
             self.epochs = max(done, min(self.recipe.epochs, done + fits))
 
 
+def ema_with_warmup(decay: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """EMA update whose decay ramps up as (1 + n) / (10 + n) towards `decay`.
+
+    A fixed 0.998 keeps a quarter of the random initialisation in the average after 700 steps:
+    in the first H100 run the EMA scored 37% for seven epochs while the raw model trained at 70%.
+    """
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        # Tensor arithmetic: the count lives on the device, and float() would sync every update.
+        d = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay).to(averaged.dtype)
+        return averaged * d + current * (1 - d)
+
+    return update
+
+
 def save_resume_state(path: Path, **state: Any) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -209,7 +224,7 @@ def run_epochs(
     steps_per_epoch = max(1, n_train // recipe.batch_size)
     plan = EpochPlan(recipe, steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, avg_fn=ema_with_warmup(recipe.ema_decay), use_buffers=True)
     warmup = max(1, int(recipe.warmup_epochs * steps_per_epoch))
     start_epoch, step, best_score, best_epoch, spent = 0, 0, None, -1, 0.0
     resume_path = out_dir / "last.pt"
