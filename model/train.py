@@ -203,23 +203,47 @@ def save_resume_state(path: Path, **state: Any) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Run:
+    """What both stages set up the same way from their command line."""
+
+    recipe: Recipe
+    device: torch.device
+    generator: torch.Generator  # batch order, on the CPU
+    device_generator: torch.Generator  # augmentation, on the device
+    out_dir: Path
+    resume: bool
+    progress: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Run:
+        recipe = recipe_from_args(args)
+        device = pick_device(args.device)
+        generator = seed_everything(recipe.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        device_generator = torch.Generator(device=device).manual_seed(recipe.seed)
+        return cls(recipe, device, generator, device_generator, args.out, args.resume, args.progress)
+
+
 def run_epochs(
+    run: Run,
     *,
     model: nn.Module,
-    recipe: Recipe,
     n_train: int,
     step_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     validate: Callable[[nn.Module], dict[str, float]],
     score_key: str,
     higher_is_better: bool,
     on_best: Callable[[nn.Module, dict[str, Any]], None],
-    out_dir: Path,
-    device: torch.device,
-    generator: torch.Generator,
-    resume: bool,
-    progress: bool,
 ) -> dict[str, Any]:
     """The training loop both stages share: schedule, EMA, validation, best and resume state."""
+    recipe, device, generator, out_dir, progress = (
+        run.recipe,
+        run.device,
+        run.generator,
+        run.out_dir,
+        run.progress,
+    )
     log = JsonLog(out_dir / "log.jsonl")
     steps_per_epoch = max(1, n_train // recipe.batch_size)
     plan = EpochPlan(recipe, steps_per_epoch)
@@ -228,7 +252,7 @@ def run_epochs(
     warmup = max(1, int(recipe.warmup_epochs * steps_per_epoch))
     start_epoch, step, best_score, best_epoch, spent = 0, 0, None, -1, 0.0
     resume_path = out_dir / "last.pt"
-    if resume and resume_path.exists():
+    if run.resume and resume_path.exists():
         state = torch.load(resume_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -349,11 +373,8 @@ def train_landmarks(args: argparse.Namespace) -> dict[str, Any]:
     from model.checkpoint import save_module
     from model.mobilefacenet import MobileFaceNet
 
-    recipe = recipe_from_args(args)
-    device = pick_device(args.device)
-    generator = seed_everything(recipe.seed)
-    out_dir = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run.from_args(args)
+    recipe, device, out_dir = run.recipe, run.device, run.out_dir
     contract = InputContract()
     train = load_dataset(str(args.data))
     if recipe.limit:
@@ -373,11 +394,10 @@ def train_landmarks(args: argparse.Namespace) -> dict[str, Any]:
 
     model = MobileFaceNet().to(device).to(memory_format=torch.channels_last)
     aug = AugmentSettings(erase_p=0.0)
-    gpu_gen = torch.Generator(device=device).manual_seed(recipe.seed)
 
     def step_fn(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index = index.to(device)
-        x, points = augmented_batch(x_train[index], contract, aug, gpu_gen, p_train[index])
+        x, points = augmented_batch(x_train[index], contract, aug, run.device_generator, p_train[index])
         with autocast(device):
             pred = model(x.contiguous(memory_format=torch.channels_last)).float().view(-1, 68, 2)
         per_face = F.smooth_l1_loss(pred, points, beta=0.01, reduction="none").mean(dim=(1, 2))
@@ -410,19 +430,14 @@ def train_landmarks(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     summary = run_epochs(
+        run,
         model=model,
-        recipe=recipe,
         n_train=len(train),
         step_fn=step_fn,
         validate=validate,
         score_key="nme",
         higher_is_better=False,
         on_best=on_best,
-        out_dir=out_dir,
-        device=device,
-        generator=generator,
-        resume=args.resume,
-        progress=args.progress,
     )
     summary.update(stage="landmarks", val_faces=len(val), weights=str(out_dir / "landmarks.safetensors"))
     return summary
@@ -463,11 +478,8 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
     from model.checkpoint import load_checkpoint, load_module_state, save_checkpoint
     from model.fermam import FERMam
 
-    recipe = recipe_from_args(args)
-    device = pick_device(args.device)
-    generator = seed_everything(recipe.seed)
-    out_dir = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = Run.from_args(args)
+    recipe, device, out_dir = run.recipe, run.device, run.out_dir
     train = load_dataset(str(args.train))
     val = load_dataset(str(args.val))
     if recipe.limit:
@@ -505,11 +517,10 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
     x_val = images_to_device(val.images, device)
     y_val = torch.from_numpy(val.labels).to(device)
     aug = AugmentSettings()
-    gpu_gen = torch.Generator(device=device).manual_seed(recipe.seed)
 
     def step_fn(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index = index.to(device)
-        x, _ = augmented_batch(x_train[index], contract, aug, gpu_gen)
+        x, _ = augmented_batch(x_train[index], contract, aug, run.device_generator)
         target = y_train[index]
         if recipe.label_smoothing:
             target = target * (1 - recipe.label_smoothing) + recipe.label_smoothing / target.shape[1]
@@ -540,19 +551,14 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     summary = run_epochs(
+        run,
         model=model,
-        recipe=recipe,
         n_train=len(train),
         step_fn=step_fn,
         validate=validate,
         score_key="acc",
         higher_is_better=True,
         on_best=on_best,
-        out_dir=out_dir,
-        device=device,
-        generator=generator,
-        resume=args.resume,
-        progress=args.progress,
     )
     summary.update(stage="fermam", weights=str(out_dir / "best.safetensors"))
     return summary
