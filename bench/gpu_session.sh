@@ -43,10 +43,18 @@ LIMIT=(); FM_EXTRA=(); LM_BUDGET=110
 [ "$FAST" = 1 ] && LIMIT=(--limit 64 --batch-size 16) && FM_EXTRA=(--ir-units 1 1 1) && LM_BUDGET=5
 
 # 3. Landmark branch: MobileFaceNet on dlib pseudo-labels (no scan: runs while mamba-ssm builds).
-$PY -m service.cli train landmarks --data "$WORK/data/train.npz" --labels .gpu/pl_train.npz \
-  --val-data "$WORK/data/val.npz" --val-labels .gpu/pl_val.npz --out "$WORK/lm" \
-  --time-budget "$LM_BUDGET" --epochs 40 --no-progress "${LIMIT[@]}" > "$WORK/logs/train_landmarks.log" 2>&1
-say "landmarks rc=$? $(tail -n 1 "$WORK/logs/train_landmarks.log")"
+#    INIT_FROM=path/to/fermam.safetensors continues from those weights instead (their landmark
+#    branch and template included), so this stage is skipped.
+INIT_FROM=${INIT_FROM:-}
+if [ -n "$INIT_FROM" ]; then
+  FM_START=(--init-from "$INIT_FROM"); say "continuing from $INIT_FROM"
+else
+  FM_START=(--landmark-weights "$WORK/lm/landmarks.safetensors" --template-from .gpu/pl_train.npz)
+  $PY -m service.cli train landmarks --data "$WORK/data/train.npz" --labels .gpu/pl_train.npz \
+    --val-data "$WORK/data/val.npz" --val-labels .gpu/pl_val.npz --out "$WORK/lm" \
+    --time-budget "$LM_BUDGET" --epochs 40 --no-progress "${LIMIT[@]}" > "$WORK/logs/train_landmarks.log" 2>&1
+  say "landmarks rc=$? $(tail -n 1 "$WORK/logs/train_landmarks.log")"
+fi
 
 # 4. Face-stage speed on the GPU (face-alignment with random weights: speed only).
 timeout 60 $PY bench/face_speed.py --backend face-alignment --device cuda --json \
@@ -76,7 +84,7 @@ fi
 BUDGET=$(( END - $(now) - 85 )); [ "$FAST" = 1 ] && BUDGET=5
 say "training FERMam for ${BUDGET}s"
 $PY -m service.cli train fermam --train "$WORK/data/train.npz" --val "$WORK/data/val.npz" \
-  --landmark-weights "$WORK/lm/landmarks.safetensors" --template-from .gpu/pl_train.npz \
+  "${FM_START[@]}" \
   --out "$WORK/fermam" --time-budget "$BUDGET" --epochs 200 --no-progress "${LIMIT[@]}" "${FM_EXTRA[@]}" \
   > "$WORK/logs/train_fermam.log" 2>&1
 say "fermam rc=$? $(tail -n 1 "$WORK/logs/train_fermam.log")"
