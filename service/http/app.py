@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -63,9 +63,10 @@ class RequestMetrics:
 class BodySizeLimit:
     """Refuse bodies above the limit before (Content-Length) or while (chunked) reading them."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[], None]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_refused = on_refused  # counts what never reaches the route (refused by Content-Length)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
@@ -73,6 +74,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self.on_refused()
             response = error_response(
                 413, "too_large", f"request body of {int(declared)} bytes exceeds {self.max_bytes}"
             )
@@ -122,6 +124,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, on_refused=lambda: metrics.reject("too_large")
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -129,6 +129,10 @@ async def expressions(
     except ClientDisconnect:
         # Gone while we read its body; engine errors go to the handlers in errors.py.
         raise _client_gone(state) from None
+    except ApiError as error:
+        if error.status == 413:  # a size limit met while reading the body (decode limits count in the engine)
+            state.metrics.reject("too_large")
+        raise
     finally:
         state.work_finished()
     timings = result.timings

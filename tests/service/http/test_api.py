@@ -226,6 +226,17 @@ def test_a_client_that_disconnects_mid_upload_is_counted_as_cancelled(client) ->
     assert client.app.state.service.in_flight == 0
 
 
+def test_size_refusals_count_once_as_too_large(client) -> None:
+    metrics = client.app.state.service.metrics
+    too_large = {"reason": "too_large"}
+    before = metrics.registry.get_sample_value("fermam_rejections_total", too_large) or 0.0
+    assert_error(post_files(client, ("big.jpg", photo(LARGE))), 413, "too_large")  # the per-image limit
+    body = b"{" + b" " * client.app.state.service.settings.max_request_bytes + b"}"
+    response = client.post("/v1/expressions", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 413, "too_large")  # the whole body, refused on its Content-Length
+    assert metrics.registry.get_sample_value("fermam_rejections_total", too_large) == before + 2
+
+
 def test_the_service_keeps_serving_after_bad_input(client) -> None:
     assert_error(post_files(client, ("bomb.png", png_claiming(60_000, 60_000))), 413)
     assert_error(post_files(client, ("junk.jpg", b"\xff\xd8\xff" + b"\0" * 100)), 415)
