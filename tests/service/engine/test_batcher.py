@@ -176,15 +176,22 @@ def test_per_item_exceptions_returned_by_the_batch_function_reach_only_their_ite
     assert [type(o).__name__ for o in outcomes] == ["Batched", "KeyError", "Batched", "KeyError"]
 
 
-def test_items_past_their_deadline_are_skipped_and_counted() -> None:
-    release = threading.Event()
-    seen: list[int] = []
+def held_while_item_zero_runs(release: threading.Event, seen: list[int]):
+    """A batch function that records what it computes and holds the worker on item 0 until released."""
 
     def slow(items: list[int]) -> list[int]:
         seen.extend(items)
         if items[0] == 0:
             release.wait(5)
         return items
+
+    return slow
+
+
+def test_items_past_their_deadline_are_skipped_and_counted() -> None:
+    release = threading.Event()
+    seen: list[int] = []
+    slow = held_while_item_zero_runs(release, seen)
 
     async def main() -> tuple[list, RecordingObserver]:
         batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
@@ -209,12 +216,7 @@ def test_items_past_their_deadline_are_skipped_and_counted() -> None:
 def test_cancelled_items_are_never_computed() -> None:
     release = threading.Event()
     seen: list[int] = []
-
-    def slow(items: list[int]) -> list[int]:
-        seen.extend(items)
-        if items[0] == 0:
-            release.wait(5)
-        return items
+    slow = held_while_item_zero_runs(release, seen)
 
     async def main() -> RecordingObserver:
         batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
