@@ -85,7 +85,8 @@ BUDGET=$(( END - $(now) - 85 )); [ "$FAST" = 1 ] && BUDGET=5
 say "training FERMam for ${BUDGET}s"
 $PY -m service.cli train fermam --train "$WORK/data/train.npz" --val "$WORK/data/val.npz" \
   "${FM_START[@]}" \
-  --out "$WORK/fermam" --time-budget "$BUDGET" --epochs 200 --no-progress "${LIMIT[@]}" "${FM_EXTRA[@]}" \
+  --out "$WORK/fermam" --time-budget "$BUDGET" --epochs 200 --bn-recalibration 4096 --no-progress \
+  "${LIMIT[@]}" "${FM_EXTRA[@]}" \
   > "$WORK/logs/train_fermam.log" 2>&1
 say "fermam rc=$? $(tail -n 1 "$WORK/logs/train_fermam.log")"
 

@@ -93,6 +93,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def provenance_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What `read_metadata` returned, less what `save_checkpoint` writes from the model itself:
+    the part to carry over when a checkpoint is rewritten."""
+    return {k: v for k, v in metadata.items() if k not in _RESERVED and k != "config"}
+
+
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """load_state_dict(strict=True) with one ValueError naming every missing/unexpected/misshapen key."""
     expected = module.state_dict()

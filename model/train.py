@@ -5,6 +5,7 @@ Two stages, as in the paper but without its unobtainable pretrained networks:
    pseudo-labels the face stage placed (`fermam pseudo-landmarks`), weighted by their quality.
    This makes the landmark branch geometry-aware before it is frozen inside FERMam.
 2. `fermam train fermam`: the whole network with the landmark branch frozen (eval mode).
+(`fermam train recalibrate-bn` re-measures the batch-norm statistics of an existing checkpoint.)
 
 Both keep the whole dataset on the device as uint8 and augment there (`model.augment`), run in
 bf16 autocast on CUDA, keep an exponential moving average of the weights, write a JSON-lines
@@ -42,6 +43,7 @@ from model.augment import (
     warp_images,
     warp_points,
 )
+from model.batchnorm import recalibrate_batch_norm
 from model.config import OUTER_EYE_CORNERS, FERMamConfig, InputContract
 from model.data import FaceArrays, load_dataset, to_model_input
 from model.device import resolve_device
@@ -63,6 +65,8 @@ class Recipe:
     soft_labels: bool = True
     seed: int = 0
     limit: int | None = None
+    epoch_size: int | None = None
+    bn_recalibration: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,11 +141,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def batches(
-    n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool, drop_last: bool = False
+    n: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    shuffle: bool,
+    drop_last: bool = False,
+    take: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Index batches; training drops the ragged tail so every step has the same shape (one
-    kernel selection, steady batch statistics), unless that would leave no batch at all."""
+    """Index batches over the first `take` of the order (default all n); training drops the
+    ragged tail so every step has the same shape (one kernel selection, steady batch statistics),
+    unless that would leave no batch at all."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order[: min(n, take or n)]
+    n = len(order)
     end = n - n % batch_size if drop_last and n >= batch_size else n
     for i in range(0, end, batch_size):
         yield order[i : i + batch_size]
@@ -245,7 +257,10 @@ def run_epochs(
         run.progress,
     )
     log = JsonLog(out_dir / "log.jsonl")
-    steps_per_epoch = max(1, n_train // recipe.batch_size)
+    # An epoch is the whole training set, or a fresh random sample of `epoch_size` faces (lets a
+    # slow device validate and checkpoint more often than once per pass over the data).
+    epoch_faces = min(n_train, recipe.epoch_size or n_train)
+    steps_per_epoch = max(1, epoch_faces // recipe.batch_size)
     plan = EpochPlan(recipe, steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
     ema = AveragedModel(model, avg_fn=ema_with_warmup(recipe.ema_decay), use_buffers=True)
@@ -271,8 +286,11 @@ def run_epochs(
         started = time.perf_counter()
         seen, loss_sum, stats_sum = 0, 0.0, {}
         quarter_losses: list[torch.Tensor] = []
+        epoch_batches = batches(
+            n_train, recipe.batch_size, generator, shuffle=True, drop_last=True, take=epoch_faces
+        )
         bar = tqdm(
-            list(batches(n_train, recipe.batch_size, generator, shuffle=True, drop_last=True)),
+            list(epoch_batches),
             desc=f"epoch {epoch + 1}/{plan.epochs}",
             disable=not progress,
             mininterval=2.0,
@@ -321,6 +339,7 @@ def run_epochs(
             ),
             **{f"train_{k}": float(v) / seen for k, v in stats_sum.items()},
             **{f"val_{k}": v for k, v in metrics.items()},
+            "faces": seen,
             "faces_per_s": seen / train_seconds,
             "seconds": epoch_seconds,
             "best": improved,
@@ -474,6 +493,64 @@ def predict(
     return torch.cat(out)
 
 
+def recalibrate_on_faces(
+    model: nn.Module,
+    images: torch.Tensor,
+    faces: int,
+    seed: int,
+    contract: InputContract,
+    device: torch.device,
+    batch_size: int = 256,
+) -> int:
+    """Re-measure `model`'s batch-norm statistics on `faces` training images drawn with `seed`
+    (the same ones every call), unaugmented, as the network sees faces at inference."""
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:faces]
+    inputs = (
+        augmented_batch(images[index.to(images.device)], contract, None, None)[0].contiguous(
+            memory_format=torch.channels_last
+        )
+        for index in chosen.split(batch_size)
+    )
+    with autocast(device):
+        return recalibrate_batch_norm(model, inputs)
+
+
+def recalibrate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """`fermam train recalibrate-bn`: a checkpoint with its BN statistics re-measured.
+
+    For weights trained before `--bn-recalibration` existed: the first shipped model's averaged
+    statistics cost it 8 points of validation accuracy (docs/model-card.md).
+    """
+    from model.checkpoint import load_checkpoint, provenance_of, save_checkpoint
+
+    device = pick_device(args.device)
+    model, metadata = load_checkpoint(args.weights)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    contract = model.config.contract
+    train = load_dataset(str(args.data))
+    started = time.perf_counter()
+    seen = recalibrate_on_faces(
+        model, images_to_device(train.images, device), args.faces, args.seed, contract, device
+    )
+    kept = provenance_of(metadata)
+    kept["bn_recalibration"] = f"{seen} unaugmented faces of {train.source} (seed {args.seed})"
+    kept.pop("val_accuracy", None)  # measured with the old statistics
+    summary: dict[str, Any] = {
+        "stage": "recalibrate-bn",
+        "faces": seen,
+        "seconds": time.perf_counter() - started,
+    }
+    if args.val:
+        val = load_dataset(str(args.val))
+        pred = predict(model, images_to_device(val.images, device), contract, device)
+        kept["val_accuracy"] = summary["val_accuracy"] = float((pred.cpu().numpy() == val.labels).mean())
+    if args.model_version:
+        kept["version"] = args.model_version
+    save_checkpoint(args.out, model, metadata=kept, dtype=torch.float16)
+    summary["weights"] = str(args.out)
+    return summary
+
+
 def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
     from model.checkpoint import load_checkpoint, load_module_state, save_checkpoint
     from model.fermam import FERMam
@@ -531,6 +608,8 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
         return loss, {"acc": acc}
 
     def validate(net: nn.Module) -> dict[str, float]:
+        if recipe.bn_recalibration:
+            recalibrate_on_faces(net, x_train, recipe.bn_recalibration, recipe.seed, contract, device)
         pred = predict(net, x_val, contract, device)
         return {"acc": float((pred == y_val).float().mean())}
 
@@ -618,6 +697,12 @@ def add_common(parser: argparse.ArgumentParser, defaults: Recipe) -> None:
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--epoch-size",
+        type=int,
+        default=None,
+        help="faces per epoch, a fresh random sample each epoch (default: all); validates more often",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N faces (smoke runs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -664,14 +749,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="IR-50 units per stage (default 3 4 14; fewer for quick runs)",
     )
     fm.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=0,
+        metavar="FACES",
+        help="recompute the averaged model's batch-norm statistics on this many training faces "
+        "before each validation (0: keep the averaged statistics)",
+    )
+    fm.add_argument(
         "--hard-labels", dest="soft_labels", action="store_false", help="ignore vote distributions"
     )
     add_common(fm, Recipe())
+
+    bn = stages.add_parser("recalibrate-bn", help="re-measure a checkpoint's batch-norm statistics")
+    bn.add_argument("--weights", type=Path, required=True, help="FERMam checkpoint to start from")
+    bn.add_argument("--data", required=True, help="training faces (dataset spec, e.g. train.npz)")
+    bn.add_argument("--faces", type=int, default=2048, help="how many training faces to measure on")
+    bn.add_argument("--val", default=None, help="validation split: record the new accuracy")
+    bn.add_argument("--model-version", default=None, help="version the service reports")
+    bn.add_argument("--out", type=Path, required=True, help="where to write the new checkpoint")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "recalibrate-bn":
+        print(json.dumps(recalibrate_checkpoint(args)))
+        return 0
     summary = train_landmarks(args) if args.stage == "landmarks" else train_fermam(args)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -83,13 +83,44 @@ def test_fermam_stage_continues_from_an_existing_checkpoint(faces: tuple[Path, P
     common = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
     common += ["--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
     assert train_main([*common, "--template-from", str(labels), "--out", str(first)]) == 0
-    assert train_main([*common, "--init-from", str(first / "best.safetensors"), "--out", str(second)]) == 0
+    # Continued on a 16-face sample per epoch, batch-norm statistics re-measured before validation.
+    sampled = ["--epoch-size", "16", "--bn-recalibration", "24"]
+    assert (
+        train_main([*common, *sampled, "--init-from", str(first / "best.safetensors"), "--out", str(second)])
+        == 0
+    )
+    (epoch,) = _epochs(second / "log.jsonl")
+    assert epoch["faces"] == 16
     start, _ = load_checkpoint(first / "best.safetensors")
     continued, metadata = load_checkpoint(second / "best.safetensors")
     assert metadata["weights_from"] == "continued from best.safetensors"
+    assert metadata["recipe"]["epoch_size"] == 16 and metadata["recipe"]["bn_recalibration"] == 24
     # Same architecture and contract as the checkpoint it came from; the weights moved on.
     assert continued.config == start.config
     assert any(
         not a.equal(b)
         for a, b in zip(start.state_dict().values(), continued.state_dict().values(), strict=True)
     )
+
+
+def test_recalibrate_bn_rewrites_only_the_statistics(faces: tuple[Path, Path], tmp_path: Path) -> None:
+    data, labels = faces
+    common = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
+    common += ["--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
+    assert train_main([*common, "--template-from", str(labels), "--out", str(tmp_path / "run")]) == 0
+    before_path, after_path = tmp_path / "run" / "best.safetensors", tmp_path / "recalibrated.safetensors"
+    args = ["recalibrate-bn", "--weights", str(before_path), "--data", str(data), "--faces", "40"]
+    args += ["--val", str(data), "--model-version", "test-1", "--device", "cpu", "--out", str(after_path)]
+    assert train_main(args) == 0
+
+    before, old = load_checkpoint(before_path)
+    after, new = load_checkpoint(after_path)
+    assert new["version"] == "test-1" and new["bn_recalibration"].startswith("40 unaugmented faces")
+    assert new["recipe"] == old["recipe"] and 0.0 <= new["val_accuracy"] <= 1.0
+    assert after.config == before.config
+    old_state, new_state = before.state_dict(), after.state_dict()
+    statistics = {k for k in old_state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    landmark = {k for k in statistics if k.startswith("landmark_branch.")}
+    changed = {k for k in old_state if not old_state[k].equal(new_state[k])}
+    # Trainable BN statistics moved; weights and the frozen landmark branch's statistics did not.
+    assert changed and changed <= statistics - landmark
