@@ -565,6 +565,7 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
     if train.class_names != val.class_names:
         raise ValueError(f"train classes {train.class_names} differ from val classes {val.class_names}")
     landmark_source = "random init"
+    weights_from = "random initialisation (no pretrained backbone)"
     if args.init_from:
         # Continue from earlier weights (e.g. the shipped model) with a fresh schedule: lets runs
         # that each fit one short GPU lease add up.
@@ -575,6 +576,12 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
             )
         contract = model.config.contract
         landmark_source = str(init_meta.get("landmark_branch", args.init_from))
+        # The chain of runs stays readable in the file: each continuation names what it started from.
+        weights_from = f"continued from {args.init_from.name}"
+        if "version" in init_meta:
+            weights_from += (
+                f" (version {init_meta['version']}, {init_meta.get('weights_from', 'unknown origin')})"
+            )
     else:
         contract = InputContract()
         if args.template_from:
@@ -623,7 +630,7 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
                 recipe,
                 landmark_source,
                 info,
-                init_from=args.init_from,
+                weights_from=weights_from,
                 model_version=args.model_version,
             ),
             dtype=torch.float16,
@@ -649,7 +656,7 @@ def provenance(
     recipe: Recipe,
     landmark_source: str,
     info: dict[str, Any],
-    init_from: Path | None = None,
+    weights_from: str = "random initialisation (no pretrained backbone)",
     model_version: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -661,9 +668,7 @@ def provenance(
         "epoch": info["epoch"],
         "recipe": asdict(recipe),
         "landmark_branch": landmark_source,
-        "weights_from": f"continued from {init_from.name}"
-        if init_from
-        else "random initialisation (no pretrained backbone)",
+        "weights_from": weights_from,
         "trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

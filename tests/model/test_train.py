@@ -93,7 +93,10 @@ def test_fermam_stage_continues_from_an_existing_checkpoint(faces: tuple[Path, P
     assert epoch["faces"] == 16
     start, _ = load_checkpoint(first / "best.safetensors")
     continued, metadata = load_checkpoint(second / "best.safetensors")
-    assert metadata["weights_from"] == "continued from best.safetensors"
+    first_meta = load_checkpoint(first / "best.safetensors")[1]
+    assert metadata["weights_from"] == (
+        f"continued from best.safetensors (version {first_meta['version']}, {first_meta['weights_from']})"
+    )
     assert metadata["recipe"]["epoch_size"] == 16 and metadata["recipe"]["bn_recalibration"] == 24
     # Same architecture and contract as the checkpoint it came from; the weights moved on.
     assert continued.config == start.config
