@@ -162,3 +162,16 @@ def test_fermam_eval_defaults_to_the_shipped_model(
     result = json.loads(capsys.readouterr().out)
     assert result["weights"] == str(default_weights_path()) and result["n"] == 8
     assert result["confusion_png"] is None
+
+
+@pytest.mark.slow
+def test_shipped_model_keeps_its_accuracy_on_real_validation_faces() -> None:
+    """Guards the shipped file and the eval preprocessing together: the first 400 FER+ validation
+    faces, where version ferplus-2026.11.27.1 scored 0.8375 (the whole split: 0.835). A wrong or
+    corrupted weights file, or preprocessing out of step with training, falls far below."""
+    from model.checkpoint import load_checkpoint
+    from model.weights import default_weights_path
+
+    model, _ = load_checkpoint(default_weights_path())
+    report = evaluate(model, load_npz(VAL_NPZ).subset(slice(0, 400)), device="cpu")
+    assert report.n == 400 and report.accuracy >= 0.80
