@@ -69,6 +69,9 @@ class Recipe:
     bn_recalibration: int = 0
 
 
+FROM_SCRATCH = "random initialisation (no pretrained backbone)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared machinery
 
@@ -152,7 +155,7 @@ def batches(
     ragged tail so every step has the same shape (one kernel selection, steady batch statistics),
     unless that would leave no batch at all."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    order = order[: min(n, take or n)]
+    order = order[:take]  # None keeps all
     n = len(order)
     end = n - n % batch_size if drop_last and n >= batch_size else n
     for i in range(0, end, batch_size):
@@ -565,7 +568,7 @@ def train_fermam(args: argparse.Namespace) -> dict[str, Any]:
     if train.class_names != val.class_names:
         raise ValueError(f"train classes {train.class_names} differ from val classes {val.class_names}")
     landmark_source = "random init"
-    weights_from = "random initialisation (no pretrained backbone)"
+    weights_from = FROM_SCRATCH
     if args.init_from:
         # Continue from earlier weights (e.g. the shipped model) with a fresh schedule: lets runs
         # that each fit one short GPU lease add up.
@@ -656,7 +659,7 @@ def provenance(
     recipe: Recipe,
     landmark_source: str,
     info: dict[str, Any],
-    weights_from: str = "random initialisation (no pretrained backbone)",
+    weights_from: str,
     model_version: str | None = None,
 ) -> dict[str, Any]:
     return {

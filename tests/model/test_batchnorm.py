@@ -1,4 +1,4 @@
-"""BN recalibration: exact statistics for trainable layers, frozen layers and dropout untouched."""
+"""BN recalibration: trainable layers get their inputs' statistics; frozen layers, dropout untouched."""
 
 from __future__ import annotations
 

@@ -77,23 +77,36 @@ def test_fermam_stage_loss_falls_resumes_and_saves_a_loadable_checkpoint(
     assert metadata["recipe"]["seed"] == 0
 
 
-def test_fermam_stage_continues_from_an_existing_checkpoint(faces: tuple[Path, Path], tmp_path: Path) -> None:
+def _small_run(data: Path) -> list[str]:
+    """`fermam train fermam` on 32 faces, one epoch, a shallow trunk: seconds on the CPU."""
+    args = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
+    return [*args, "--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(faces: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a small run, for the tests that start from one."""
     data, labels = faces
-    first, second = tmp_path / "first", tmp_path / "second"
-    common = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
-    common += ["--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
-    assert train_main([*common, "--template-from", str(labels), "--out", str(first)]) == 0
+    out = tmp_path_factory.mktemp("small")
+    assert train_main([*_small_run(data), "--template-from", str(labels), "--out", str(out)]) == 0
+    return out / "best.safetensors"
+
+
+def test_fermam_stage_continues_from_an_existing_checkpoint(
+    faces: tuple[Path, Path], small_checkpoint: Path, tmp_path: Path
+) -> None:
+    data, _ = faces
+    second = tmp_path / "second"
     # Continued on a 16-face sample per epoch, batch-norm statistics re-measured before validation.
     sampled = ["--epoch-size", "16", "--bn-recalibration", "24"]
     assert (
-        train_main([*common, *sampled, "--init-from", str(first / "best.safetensors"), "--out", str(second)])
+        train_main([*_small_run(data), *sampled, "--init-from", str(small_checkpoint), "--out", str(second)])
         == 0
     )
     (epoch,) = _epochs(second / "log.jsonl")
     assert epoch["faces"] == 16
-    start, _ = load_checkpoint(first / "best.safetensors")
+    start, first_meta = load_checkpoint(small_checkpoint)
     continued, metadata = load_checkpoint(second / "best.safetensors")
-    first_meta = load_checkpoint(first / "best.safetensors")[1]
     assert metadata["weights_from"] == (
         f"continued from best.safetensors (version {first_meta['version']}, {first_meta['weights_from']})"
     )
@@ -106,17 +119,16 @@ def test_fermam_stage_continues_from_an_existing_checkpoint(faces: tuple[Path, P
     )
 
 
-def test_recalibrate_bn_rewrites_only_the_statistics(faces: tuple[Path, Path], tmp_path: Path) -> None:
-    data, labels = faces
-    common = ["fermam", "--train", str(data), "--val", str(data), "--batch-size", "16", "--limit", "32"]
-    common += ["--epochs", "1", "--ir-units", "1", "1", "1", "--device", "cpu", "--no-progress"]
-    assert train_main([*common, "--template-from", str(labels), "--out", str(tmp_path / "run")]) == 0
-    before_path, after_path = tmp_path / "run" / "best.safetensors", tmp_path / "recalibrated.safetensors"
-    args = ["recalibrate-bn", "--weights", str(before_path), "--data", str(data), "--faces", "40"]
+def test_recalibrate_bn_rewrites_only_the_statistics(
+    faces: tuple[Path, Path], small_checkpoint: Path, tmp_path: Path
+) -> None:
+    data, _ = faces
+    after_path = tmp_path / "recalibrated.safetensors"
+    args = ["recalibrate-bn", "--weights", str(small_checkpoint), "--data", str(data), "--faces", "40"]
     args += ["--val", str(data), "--model-version", "test-1", "--device", "cpu", "--out", str(after_path)]
     assert train_main(args) == 0
 
-    before, old = load_checkpoint(before_path)
+    before, old = load_checkpoint(small_checkpoint)
     after, new = load_checkpoint(after_path)
     assert new["version"] == "test-1" and new["bn_recalibration"].startswith("40 unaugmented faces")
     assert new["recipe"] == old["recipe"] and 0.0 <= new["val_accuracy"] <= 1.0
