@@ -176,12 +176,20 @@ def test_per_item_exceptions_returned_by_the_batch_function_reach_only_their_ite
     assert [type(o).__name__ for o in outcomes] == ["Batched", "KeyError", "Batched", "KeyError"]
 
 
-def held_while_item_zero_runs(release: threading.Event, seen: list[int]):
-    """A batch function that records what it computes and holds the worker on item 0 until released."""
+def held_while_item_zero_runs(
+    release: threading.Event, seen: list[int], holding: threading.Event | None = None
+):
+    """A batch function that records what it computes and holds the worker on item 0 until released.
+
+    `holding` is set once the worker holds item 0, so a test waits for that instead of guessing
+    how long a loaded machine takes to schedule the worker thread.
+    """
 
     def slow(items: list[int]) -> list[int]:
         seen.extend(items)
         if items[0] == 0:
+            if holding is not None:
+                holding.set()
             release.wait(5)
         return items
 
@@ -189,15 +197,15 @@ def held_while_item_zero_runs(release: threading.Event, seen: list[int]):
 
 
 def test_items_past_their_deadline_are_skipped_and_counted() -> None:
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
     seen: list[int] = []
-    slow = held_while_item_zero_runs(release, seen)
+    slow = held_while_item_zero_runs(release, seen, holding)
 
     async def main() -> tuple[list, RecordingObserver]:
         batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
         try:
             blocker = batcher.submit(0)
-            await asyncio.sleep(0.05)
+            await asyncio.to_thread(holding.wait, 5)
             late = batcher.submit(1, deadline=time.monotonic() + 0.05)
             fine = batcher.submit(2, deadline=time.monotonic() + 30)
             await asyncio.sleep(0.15)
@@ -214,15 +222,15 @@ def test_items_past_their_deadline_are_skipped_and_counted() -> None:
 
 
 def test_cancelled_items_are_never_computed() -> None:
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Event()
     seen: list[int] = []
-    slow = held_while_item_zero_runs(release, seen)
+    slow = held_while_item_zero_runs(release, seen, holding)
 
     async def main() -> RecordingObserver:
         batcher, observer = make(slow, max_batch_size=1, max_queue_delay_ms=0)
         try:
             blocker = batcher.submit(0)
-            await asyncio.sleep(0.05)
+            await asyncio.to_thread(holding.wait, 5)
             gone = batcher.submit(1)
             kept = batcher.submit(2)
             gone.cancel()
@@ -240,17 +248,14 @@ def test_cancelled_items_are_never_computed() -> None:
 
 
 def test_the_queue_is_bounded_and_admission_is_all_or_nothing() -> None:
-    release = threading.Event()
-
-    def slow(items: list[int]) -> list[int]:
-        release.wait(5)
-        return items
+    release, holding = threading.Event(), threading.Event()
+    slow = held_while_item_zero_runs(release, [], holding)
 
     async def main() -> None:
         batcher, _ = make(slow, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=3)
         try:
             running = batcher.submit(0)
-            await asyncio.sleep(0.05)  # the worker holds item 0; the queue is empty again
+            await asyncio.to_thread(holding.wait, 5)  # the worker holds item 0; the queue is empty
             queued = batcher.submit_many([1, 2])
             with pytest.raises(QueueFull) as excinfo:
                 batcher.submit_many([3, 4])
@@ -284,16 +289,13 @@ def test_close_drains_queued_work_and_then_refuses() -> None:
 
 
 def test_close_fails_what_it_could_not_drain_in_time() -> None:
-    release = threading.Event()
-
-    def stuck(items: list[int]) -> list[int]:
-        release.wait(5)
-        return items
+    release, holding = threading.Event(), threading.Event()
+    stuck = held_while_item_zero_runs(release, [], holding)
 
     async def main() -> list:
         batcher, observer = make(stuck, max_batch_size=1, max_queue_delay_ms=0)
         futures = [batcher.submit(i) for i in range(3)]
-        await asyncio.sleep(0.05)
+        await asyncio.to_thread(holding.wait, 5)
         closing = asyncio.create_task(batcher.aclose(drain_timeout_s=0.1))
         await asyncio.sleep(0.3)
         release.set()
@@ -446,8 +448,11 @@ def test_gather_or_cancel_cancels_the_rest_of_a_failed_request() -> None:
 
     futures, observer = asyncio.run(main())
     assert futures[1].cancelled() and futures[2].cancelled()
-    assert seen == [0, 1]  # item 2 was dropped, not computed for a request that already failed
-    assert observer.skips == {"cancelled": 1}
+    # The worker thread may or may not take item 1 before the cancellation reaches it (a loaded
+    # machine decides), but item 2 queues behind item 1's release, so it is always dropped, and
+    # every item is either computed once or counted as skipped.
+    assert seen in ([0], [0, 1])
+    assert observer.skips == {"cancelled": 3 - len(seen)}
 
 
 def test_invalid_configuration_is_refused() -> None:

@@ -131,7 +131,11 @@ def test_sigterm_drains_in_flight_work_then_exits(server) -> None:
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(0.5)
+    # Signal only once the server holds the request (a fixed sleep is a guess on a loaded machine).
+    deadline = time.monotonic() + 60
+    while metric(httpx.get(f"{base}/metrics", timeout=5).text, "fermam_requests_in_flight") < 1:
+        assert time.monotonic() < deadline and worker.is_alive(), "the request never reached the server"
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     if worker.is_alive():
