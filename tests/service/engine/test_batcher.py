@@ -176,9 +176,7 @@ def test_per_item_exceptions_returned_by_the_batch_function_reach_only_their_ite
     assert [type(o).__name__ for o in outcomes] == ["Batched", "KeyError", "Batched", "KeyError"]
 
 
-def held_while_item_zero_runs(
-    release: threading.Event, seen: list[int], holding: threading.Event | None = None
-):
+def held_while_item_zero_runs(release: threading.Event, seen: list[int], holding: threading.Event):
     """A batch function that records what it computes and holds the worker on item 0 until released.
 
     `holding` is set once the worker holds item 0, so a test waits for that instead of guessing
@@ -188,8 +186,7 @@ def held_while_item_zero_runs(
     def slow(items: list[int]) -> list[int]:
         seen.extend(items)
         if items[0] == 0:
-            if holding is not None:
-                holding.set()
+            holding.set()
             release.wait(5)
         return items
 
@@ -432,7 +429,7 @@ def test_gather_or_cancel_cancels_the_rest_of_a_failed_request() -> None:
         seen.extend(items)
         if items == [0]:
             raise ValueError("bad first item")
-        release.wait(5)  # item 1 holds the worker while the failure reaches the caller
+        release.wait(5)  # if the worker takes item 1, it holds it until the failure reached the caller
         return items
 
     async def main() -> tuple[list[asyncio.Future], RecordingObserver]:
