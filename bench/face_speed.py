@@ -34,6 +34,7 @@ from service.engine.faces.fan_backend import (  # noqa: E402
     S3FD_FILE,
     FanFaceBackend,
     default_weights_dir,
+    write_untrained_weights,
 )
 
 PHOTOS = REPO / ".." / "shared" / "data" / "photos"
@@ -92,21 +93,8 @@ def fa_weights(weights_dir: Path | None) -> tuple[Path, str]:
     folder = weights_dir or default_weights_dir()
     if (folder / FAN_FILE).is_file() and (folder / S3FD_FILE).is_file():
         return folder, "real"
-    from face_alignment.detection.sfd.net_s3fd import s3fd
-    from face_alignment.models import FAN
-
     tmp = Path(tempfile.mkdtemp(prefix="fa_random_"))
-    torch.manual_seed(0)
-    torch.save(FAN(4).state_dict(), tmp / FAN_FILE)
-    detector = s3fd()
-    # Untrained heads score every anchor ~0.5, which would time NMS over ~10^4 boxes; push the
-    # face logit down so candidate counts are those of a trained net (a handful per photo).
-    with torch.no_grad():
-        for module_name, module in detector.named_modules():
-            if module_name.endswith("mbox_conf"):
-                module.bias.zero_()
-                module.bias[-1] = 1.0 if module_name.startswith("conv7_2") else -6.0
-    torch.save(detector.state_dict(), tmp / S3FD_FILE)
+    write_untrained_weights(tmp)
     return tmp, "RANDOM (speed only, detections meaningless)"
 
 

@@ -85,6 +85,29 @@ def s3fd_level_sizes(side: int) -> tuple[int, ...]:
     return (f3, f4, f5, fc7, f6, f7)
 
 
+def write_untrained_weights(folder: Path, *, seed: int = 0) -> None:
+    """Write seeded, untrained S3FD + FAN-4 weight files under their real names into `folder`.
+
+    For speed benchmarks and tests on machines that cannot download the real weights: the
+    networks have the real shapes and cost, but their detections and landmarks mean nothing.
+    Random heads score every anchor near 0.5, which would yield ~10^4 candidate boxes; the face
+    logit is pushed down everywhere except on the coarsest level (stride 128, 512-px anchors),
+    so a photo gets about one detection, as a trained network would give a handful.
+    """
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+    from face_alignment.models import FAN
+
+    torch.manual_seed(seed)
+    torch.save(FAN(4).state_dict(), folder / FAN_FILE)
+    detector = s3fd()
+    with torch.no_grad():
+        for name, module in detector.named_modules():
+            if name.endswith("mbox_conf"):
+                module.bias.zero_()
+                module.bias[-1] = 1.0 if name.startswith("conv7_2") else -6.0
+    torch.save(detector.state_dict(), folder / S3FD_FILE)
+
+
 class FaceAlignmentWeightsMissing(FileNotFoundError):
     """The backend's weight files are absent and downloading is not allowed."""
 

@@ -21,32 +21,14 @@ from service.engine.faces.fan_backend import (
     S3FD_FILE,
     FaceAlignmentWeightsMissing,
     FanFaceBackend,
+    write_untrained_weights,
 )
-
-
-def write_random_weights(folder: Path, *, seed: int = 0) -> None:
-    from face_alignment.detection.sfd.net_s3fd import s3fd
-    from face_alignment.models import FAN
-
-    torch.manual_seed(seed)
-    fan = FAN(4)
-    torch.save(fan.state_dict(), folder / FAN_FILE)
-    detector = s3fd()
-    # Random heads score every anchor near 0.5; lean the face logit up on the coarsest level
-    # only (stride 128, 512-px anchors), so a random network yields about one detection per
-    # small image: enough to test with, few enough for FAN on 2 CPU cores (~1.4 s a face).
-    with torch.no_grad():
-        for name, module in detector.named_modules():
-            if name.endswith("mbox_conf"):
-                module.bias.zero_()
-                module.bias[-1] = 1.0 if name.startswith("conv7_2") else -6.0
-    torch.save(detector.state_dict(), folder / S3FD_FILE)
 
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fa_weights")
-    write_random_weights(folder)
+    write_untrained_weights(folder)
     return folder
 
 
