@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the HTTP service"),
     "train": ("model.train", "train FERMam (or its landmark branch)"),
-    "eval": ("model.evaluate", "evaluate weights on an npz split"),
+    "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
     "complexity": ("model.complexity", "parameters and MACs per module"),
     "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
 }
