@@ -104,6 +104,9 @@ class FERMamConfig:
     asfr_dt_rank: int = 8
     dropout: float = 0.1
     landmark_frozen: bool = True
+    # Softmax temperature fitted on validation logits (model.calibration): scores are
+    # softmax(logits / temperature). 1.0 means uncalibrated (checkpoints from before it existed).
+    temperature: float = 1.0
 
     @property
     def num_classes(self) -> int:

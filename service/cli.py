@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the HTTP service"),
     "train": ("model.train", "train FERMam (or its landmark branch)"),
     "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
+    "calibrate": ("service.calibrate", "fit the score temperature and report calibration error"),
     "complexity": ("model.complexity", "parameters and MACs per module"),
     "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
 }

@@ -500,5 +500,6 @@ class Engine:
         narrow = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=narrow):
             logits = self.model(batch)  # (B, classes)
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        # Calibrated: the checkpoint's fitted temperature (model.calibration) sets the confidence.
+        probs = torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu().numpy()
         return list(probs)

@@ -25,7 +25,7 @@ def engine_factory(weights_path: Path, shared_face_backend):
     from service.settings import Settings
 
     def build(**overrides) -> Engine:
-        settings = Settings(weights=weights_path, device="cpu", **overrides)
+        settings = Settings(**({"weights": weights_path, "device": "cpu"} | overrides))
         return Engine(settings, face_backend=shared_face_backend)
 
     return build

@@ -170,3 +170,28 @@ def test_concurrent_requests_each_get_their_own_answer(engine) -> None:
     same = [second.images[0].faces[0].scores[c] for c in engine.class_names]
     again = [third.images[1].faces[0].scores[c] for c in engine.class_names]
     np.testing.assert_allclose(same, again, atol=1e-4)
+
+
+def test_scores_are_softmax_of_logits_over_the_checkpoints_temperature(
+    engine, engine_factory, tmp_path
+) -> None:
+    """The temperature in the checkpoint's config is what the API's probabilities are made with."""
+    import dataclasses
+
+    from model.checkpoint import load_checkpoint, provenance_of, save_checkpoint
+
+    model, metadata = load_checkpoint(engine.settings.weights, map_location="cpu")
+    assert model.config.temperature == engine.config.temperature
+    model.config = dataclasses.replace(model.config, temperature=engine.config.temperature * 2.0)
+    hotter = save_checkpoint(tmp_path / "hot.safetensors", model, metadata=provenance_of(metadata))
+    other = engine_factory(weights=hotter)
+    asyncio.run(other.start())
+    try:
+        base = infer(engine, [photo("aflw-test.jpg")]).images[0].faces[0]
+        hot = asyncio.run(other.infer([photo("aflw-test.jpg")])).images[0].faces[0]
+    finally:
+        asyncio.run(other.stop())
+    p = np.array(list(base.scores.values()))
+    expected = np.sqrt(p) / np.sqrt(p).sum()  # softmax(z / 2T) from softmax(z / T)
+    assert np.allclose(list(hot.scores.values()), expected, atol=2e-3)
+    assert hot.expression == base.expression
