@@ -296,6 +296,7 @@ def test_draining_turns_readiness_off_and_refuses_new_work(client) -> None:
         assert_error(post_files(client, ("grass.jpg", photo(NO_FACE))), 503, "not_ready")
     finally:
         state.draining, state.drain_deadline = False, None
+        state.drain_started.clear()
     assert client.get("/readyz").status_code == 200
 
 
