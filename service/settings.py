@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         description="Refuse (429) work that the queue's measured drain rate says cannot finish "
         "before its deadline, instead of queueing it to time out.",
     )
+    max_queue_wait_ms: int = Field(
+        5000,
+        ge=0,
+        description="With shed_early, also refuse (429) work that would wait longer than this behind "
+        "the queue, whatever its deadline: bounds latency under overload and recovery after it (0: off).",
+    )
     body_timeout_s: float = Field(
         30.0, gt=0, description="Longest time to receive one request body (408 after it)."
     )

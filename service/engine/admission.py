@@ -42,11 +42,13 @@ class Admission:
         classify_backlog: Callable[[], int],
         *,
         enabled: bool = True,
+        max_wait_s: float = 0.0,
     ) -> None:
         self._detect_item_s = detect_item_s
         self._classify_item_s = classify_item_s
         self._classify_backlog = classify_backlog
         self.enabled = enabled
+        self.max_wait_s = max_wait_s  # 0: only the deadline bounds the wait
         self._outstanding = 0
         self._lock = threading.Lock()
 
@@ -64,17 +66,18 @@ class Admission:
 
     def admit(self, images: int, deadline: float | None) -> None:
         """Count the request in, or raise `Overloaded` if the work ahead keeps it from finishing
-        before `deadline`. A deadline too short even for an idle server is not an overload: such a
-        request is admitted and fails with DeadlineExceeded (504), as retrying would not help."""
+        before `deadline`, or would hold it longer than `max_wait_s`. A deadline too short even
+        for an idle server is not an overload: such a request is admitted and fails with
+        DeadlineExceeded (504), as retrying would not help."""
         with self._lock:
-            if self.enabled and deadline is not None:
+            if self.enabled:
                 ahead, own = self.estimate_s(images)
-                estimate = ahead + own
-                remaining = deadline - time.monotonic()
-                if estimate > remaining and own <= remaining:
+                remaining = float("inf") if deadline is None else deadline - time.monotonic()
+                if ahead + own > remaining and own <= remaining:
                     # When enough of the work ahead will be done for a request like this one.
-                    retry = max(1.0, math.ceil(estimate - remaining))
-                    raise Overloaded("detect", retry, estimate)
+                    raise Overloaded("detect", max(1.0, math.ceil(ahead + own - remaining)), ahead + own)
+                if self.max_wait_s and ahead > self.max_wait_s:
+                    raise Overloaded("detect", max(1.0, math.ceil(ahead - self.max_wait_s)), ahead + own)
             self._outstanding += images
 
     def release(self, images: int) -> None:

@@ -241,6 +241,7 @@ class Engine:
             lambda: self._classify.item_seconds if self._classify else 0.0,
             lambda: self._classify.backlog if self._classify else 0,
             enabled=settings.shed_early,
+            max_wait_s=settings.max_queue_wait_ms / 1000,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------

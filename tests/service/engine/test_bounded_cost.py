@@ -148,3 +148,12 @@ def test_admission_refuses_what_cannot_finish_before_its_deadline():
     admission.release(51)
     admission.admit(1, time.monotonic() + 2.0)  # the backlog drained: admitted again
     assert admission.outstanding == 1
+
+
+def test_admission_bounds_the_wait_behind_the_queue_whatever_the_deadline():
+    admission = Admission(lambda: 0.1, lambda: 0.0, lambda: 0, max_wait_s=1.0)
+    admission.admit(8, None)  # 8 x 0.1 s (x1.15 margin) = 0.92 s ahead of the next request: admitted
+    admission.admit(1, None)
+    with pytest.raises(Overloaded) as caught:
+        admission.admit(1, time.monotonic() + 600)  # 1.04 s ahead: refused despite a long deadline
+    assert caught.value.retry_after_s >= 1
