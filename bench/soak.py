@@ -118,7 +118,8 @@ async def run(server: Server, args: argparse.Namespace) -> list[str]:
     return [
         f"Machine: {machine_description(args.device)}; server args: {args.server_args or '(defaults)'}",
         f"RSS at start {start_rss:.0f} MB; sustainable {rate:.2f} req/s; "
-        f"steady load {args.load * rate:.2f} req/s for {args.duration_s:g} s: statuses {dict(sorted(statuses.items()))}",
+        f"steady load {args.load * rate:.2f} req/s "
+        f"for {args.duration_s:g} s: statuses {dict(sorted(statuses.items()))}",
         f"RSS warm (median {args.warmup_s / 2:g}-{args.warmup_s:g} s) {warm:.0f} MB, end {end:.0f} MB "
         f"({(end - warm) / warm:+.1%}; goal <= +5%), peak {peak:.0f} MB",
         f"Burst: {args.burst} requests x 4 photos of {len(big) / 1e6:.1f} MB (6000 px wide): "
