@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         3.0,
         ge=0,
         description="On SIGTERM the listener stays open at least this long (answering 503 to new "
-        "work, /readyz false) so load balancers notice; within drain_timeout_s.",
+        "work, /readyz false) so load balancers notice; capped by drain_timeout_s.",
     )
     memory_trim_interval_s: float = Field(
         5.0,
@@ -177,10 +177,6 @@ class Settings(BaseSettings):
             ]
             # Frozen model: extend the validated list in place of reassigning it.
             object.__setattr__(self, "api_keys", [*self.api_keys, *from_file])
-        if self.shutdown_grace_s > self.drain_timeout_s:
-            raise ValueError(
-                f"shutdown_grace_s ({self.shutdown_grace_s}) exceeds drain_timeout_s ({self.drain_timeout_s})"
-            )
         if any(len(key) < 8 for key in self.api_keys):
             raise ValueError("api_keys must be at least 8 characters each")
         return self

@@ -44,6 +44,7 @@ def test_schemathesis_finds_no_failure(weights_path, tmp_path: Path) -> None:
         )
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "generated" in run.stdout
+        print(next(line for line in run.stdout.splitlines() if "generated" in line).strip())
     finally:
         process.kill()
         process.wait(10)
