@@ -27,7 +27,15 @@ FACES_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 64)
 
 # `fermam_rejections_total` counts requests (one per refused or dropped request);
 # `fermam_batch_items_skipped_total` counts the queued items a batcher dropped (images or faces).
-REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "too_large", "bad_image", "shutdown")
+REJECTION_REASONS = (
+    "queue_full",
+    "overloaded",
+    "deadline",
+    "cancelled",
+    "too_large",
+    "bad_image",
+    "shutdown",
+)
 SKIP_REASONS = ("cancelled", "deadline", "shutdown")
 
 

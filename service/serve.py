@@ -119,9 +119,13 @@ def main(argv: list[str]) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections or None,
         access_log=settings.log_level == "debug",
     )
-    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+    server = DrainingServer(
+        config, app.state.service, settings.drain_timeout_s, grace_s=settings.shutdown_grace_s
+    )
     asyncio.run(server.serve())
     return 0
 
@@ -129,15 +133,15 @@ def main(argv: list[str]) -> int:
 class DrainingServer:
     """uvicorn's server with a drain phase: on the first SIGTERM/SIGINT readiness turns false and
     new work gets 503 while the listener stays open (load balancers notice via /readyz); once
-    in-flight requests finish, or the drain timeout passes, uvicorn shuts down. A second signal
-    exits at once.
+    in-flight requests finish and at least `grace_s` has passed since the signal, or the drain
+    timeout passes, uvicorn shuts down. A second signal exits at once.
 
     One deadline, fixed at the signal, bounds everything that follows (this drain, uvicorn's
     graceful shutdown, the app's lifespan and both batchers): about `drain_timeout_s` plus a few
     seconds of grace, which is what the pod's termination grace period must allow.
     """
 
-    def __init__(self, config: Any, state: Any, drain_timeout_s: float) -> None:
+    def __init__(self, config: Any, state: Any, drain_timeout_s: float, *, grace_s: float = 0.0) -> None:
         import uvicorn
 
         outer = self
@@ -149,8 +153,10 @@ class DrainingServer:
         self._server = _Server(config)
         self._state = state
         self._drain_timeout_s = drain_timeout_s
+        self._grace_s = min(grace_s, drain_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._grace_until = 0.0
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -163,7 +169,9 @@ class DrainingServer:
             self._server.force_exit = True
             return
         self._draining = True
-        deadline = time.monotonic() + self._drain_timeout_s
+        now = time.monotonic()
+        deadline = now + self._drain_timeout_s
+        self._grace_until = now + self._grace_s
         log.info("received %s: draining for up to %.0f s", signal.Signals(sig).name, self._drain_timeout_s)
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(deadline)))
 
@@ -172,6 +180,12 @@ class DrainingServer:
         finished = await self._state.wait_idle(self._state.drain_remaining_s())
         if not finished:
             log.warning("drain timeout: %d request(s) still in flight", self._state.in_flight)
+        else:
+            # The listener stays open (new work 503, /readyz false) for the grace period, so
+            # clients and load balancers see "draining" instead of "connection refused".
+            await asyncio.sleep(
+                max(0.0, min(self._grace_until, self._state.drain_deadline) - time.monotonic())
+            )
         # uvicorn reads this when it shuts down: wait for open connections only for what is left.
         self._server.config.timeout_graceful_shutdown = max(FLUSH_S, self._state.drain_remaining_s())
         self._server.should_exit = True

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         description="Comma-separated keys; when set, /v1 routes need `Authorization: Bearer <key>` "
         "or `X-API-Key: <key>`.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API keys (one per line or comma-separated; # comments), added to api_keys; "
+        "keeps keys out of the process list.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     # -- models ----------------------------------------------------------------------------------
@@ -62,6 +67,12 @@ class Settings(BaseSettings):
     )
     min_face_size: int = Field(20, ge=0, description="Default smallest face side, in pixels, reported.")
     max_faces: int = Field(64, ge=1, description="Most faces classified per image (largest first).")
+    detect_max_side: int = Field(
+        1280,
+        ge=160,
+        description="Faces are searched on a copy of each image downscaled to this longest side "
+        "(landmarks are fitted on the original), so detection cost is set here, not by the upload.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default).")
 
     # -- batching --------------------------------------------------------------------------------
@@ -88,6 +99,43 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, time allowed for in-flight work.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding images (and aligning faces).")
 
+    # -- reliability -----------------------------------------------------------------------------
+    shed_early: bool = Field(
+        True,
+        description="Refuse (429) work that the queue's measured drain rate says cannot finish "
+        "before its deadline, instead of queueing it to time out.",
+    )
+    max_queue_wait_ms: int = Field(
+        5000,
+        ge=0,
+        description="With shed_early, also refuse (429) work that would wait longer than this behind "
+        "the queue, whatever its deadline: bounds latency under overload and recovery after it (0: off).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest time to receive one request body (408 after it)."
+    )
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="Longest pause between two chunks of a request body (408 after it)."
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections close after this."
+    )
+    max_connections: int = Field(
+        0, ge=0, description="Most concurrent connections; beyond it new ones get 503 (0: no limit)."
+    )
+    shutdown_grace_s: float = Field(
+        3.0,
+        ge=0,
+        description="On SIGTERM the listener stays open at least this long (answering 503 to new "
+        "work, /readyz false) so load balancers notice; capped by drain_timeout_s.",
+    )
+    memory_trim_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="After large requests, hand freed heap back to the OS (glibc malloc_trim) at most "
+        "this often (0: never).",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -113,6 +161,22 @@ class Settings(BaseSettings):
                 f"default_timeout_ms ({self.default_timeout_ms}) exceeds "
                 f"max_timeout_ms ({self.max_timeout_ms})"
             )
+        if self.api_keys_file is not None:
+            try:
+                text = Path(self.api_keys_file).read_text()
+            except OSError as error:
+                raise ValueError(
+                    f"api_keys_file: cannot read {self.api_keys_file}: {error.strerror}"
+                ) from None
+            from_file = [
+                key.strip()
+                for line in text.splitlines()
+                if not line.lstrip().startswith("#")
+                for key in line.split(",")
+                if key.strip()
+            ]
+            # Frozen model: extend the validated list in place of reassigning it.
+            object.__setattr__(self, "api_keys", [*self.api_keys, *from_file])
         if any(len(key) < 8 for key in self.api_keys):
             raise ValueError("api_keys must be at least 8 characters each")
         return self

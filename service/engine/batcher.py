@@ -158,6 +158,8 @@ class DynamicBatcher(Generic[T, R]):
         self._thread: threading.Thread | None = None
         # Exponential moving average of batch compute time, to suggest a Retry-After.
         self._avg_batch_s = 0.0
+        # ... and of compute time per item: the stage's measured drain rate, for admission control.
+        self._avg_item_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -219,6 +221,16 @@ class DynamicBatcher(Generic[T, R]):
         """The worker thread is running: without it, queued items would never be answered."""
         thread = self._thread
         return thread is not None and thread.is_alive() and not self._stopping
+
+    @property
+    def item_seconds(self) -> float:
+        """Measured compute seconds per item (moving average; 0 before the first batch)."""
+        return self._avg_item_s
+
+    @property
+    def backlog(self) -> int:
+        """Items queued or in the running batch: what a new item waits behind."""
+        return len(self._queue) + self._running_batch
 
     @property
     def retry_after_s(self) -> float:
@@ -347,6 +359,8 @@ class DynamicBatcher(Generic[T, R]):
         outcomes = self._call(live)
         compute_s = time.monotonic() - started
         self._avg_batch_s = compute_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * compute_s
+        item_s = compute_s / len(live)
+        self._avg_item_s = item_s if self._avg_item_s == 0 else 0.8 * self._avg_item_s + 0.2 * item_s
         self._observer.batch_done(len(live), [started - e.enqueued_at for e in live], compute_s)
         for entry, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, BaseException):

@@ -24,7 +24,8 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.config import FERMamConfig
 from model.device import resolve_device
-from service.engine.align import align_faces
+from service.engine.admission import Admission
+from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import (
     Batched,
     DeadlineExceeded,
@@ -34,6 +35,7 @@ from service.engine.batcher import (
     gather_or_cancel,
 )
 from service.engine.decode import DecodedImage, ImageDecodeError, decode_image
+from service.engine.detect_stage import check_crop_size, run_detect_batch
 from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -146,6 +148,7 @@ class _FaceQuery:
     image: np.ndarray
     min_face_size: int
     boxes: tuple[Box, ...] | None = None
+    deadline: float | None = None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -233,6 +236,13 @@ class Engine:
         self._classify: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
         self._accepting = False
         self._warmed = False
+        self.admission = Admission(
+            lambda: self._detect.item_seconds if self._detect else 0.0,
+            lambda: self._classify.item_seconds if self._classify else 0.0,
+            lambda: self._classify.backlog if self._classify else 0,
+            enabled=settings.shed_early,
+            max_wait_s=settings.max_queue_wait_ms / 1000,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -342,6 +352,11 @@ class Engine:
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
         try:
+            self.admission.admit(len(images), deadline)
+        except QueueFull:
+            self.metrics.reject("overloaded")
+            raise
+        try:
             async with asyncio.timeout(timeout):
                 return await self._infer(images, options, deadline)
         except (TimeoutError, DeadlineExceeded):
@@ -357,6 +372,8 @@ class Engine:
         except ShuttingDown as error:
             self.metrics.reject("shutdown")
             raise NotReady(str(error)) from None
+        finally:
+            self.admission.release(len(images))
 
     def _check_options(self, images: Sequence[bytes], options: RequestOptions) -> None:
         s = self.settings
@@ -387,9 +404,18 @@ class Engine:
         self.metrics.images.inc(len(decoded))
 
         min_size = self.settings.min_face_size if options.min_face_size is None else options.min_face_size
+        if not options.detect:
+            for index, d in enumerate(decoded):
+                try:
+                    check_crop_size(d.width, d.height)
+                except ImageDecodeError as error:
+                    raise ImageRejected(index, error) from None
         queries = [
             _FaceQuery(
-                d.pixels, min_size, None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),)
+                d.pixels,
+                min_size,
+                None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),),
+                deadline,
             )
             for d in decoded
         ]
@@ -407,7 +433,7 @@ class Engine:
             align_started = time.monotonic()
             crops = await loop.run_in_executor(
                 self._pool,
-                align_faces,
+                align_faces_bounded,
                 [d.pixels for d in decoded],
                 [(i, face.landmarks) for i, face in located],
                 self.config.contract,
@@ -477,22 +503,7 @@ class Engine:
     # -- batch functions (run on the batchers' worker threads) ----------------------------------
 
     def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
-        to_detect = [q for q in queries if q.boxes is None]
-        found: list[ImageFaces] = []
-        if to_detect:
-            found = self.face_backend.detect(
-                [q.image for q in to_detect], min_face_size=[q.min_face_size for q in to_detect]
-            )
-        if len(found) != len(to_detect):
-            raise RuntimeError(f"face backend answered {len(found)} of {len(to_detect)} images")
-        detected = iter(found)
-        out: list[ImageFaces | BaseException] = []
-        for query in queries:
-            if query.boxes is None:
-                out.append(next(detected))
-            else:
-                out.append(ImageFaces(self.face_backend.landmarks_for_boxes(query.image, list(query.boxes))))
-        return out
+        return run_detect_batch(self.face_backend, queries, self.settings.detect_max_side)
 
     @torch.inference_mode()
     def _classify_batch(self, crops: list[torch.Tensor]) -> list[np.ndarray]:

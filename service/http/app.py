@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine.pipeline import Engine
+from service.http.body import BodyGuard
 from service.http.deps import ServiceState
-from service.http.errors import ApiError, error_response, install_error_handlers
+from service.http.errors import install_error_handlers
+from service.http.memory import MemoryTrimmer
+from service.http.openapi import tighten_openapi
 from service.http.routes import router
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -60,40 +63,6 @@ class RequestMetrics:
             record()
 
 
-class BodySizeLimit:
-    """Refuse bodies above the limit before (Content-Length) or while (chunked) reading them."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, on_refused: Callable[[], None]) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.on_refused = on_refused  # counts what never reaches the route (refused by Content-Length)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            self.on_refused()
-            response = error_response(
-                413, "too_large", f"request body of {int(declared)} bytes exceeds {self.max_bytes}"
-            )
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise ApiError(413, "too_large", f"request body exceeds {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. Without `engine`, the lifespan loads one from `settings` (blocking, in a thread).
 
@@ -107,9 +76,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine = engine or await asyncio.to_thread(Engine, settings, metrics=metrics)
         await state.engine.start()
+        trimmer = MemoryTrimmer(settings.memory_trim_interval_s, lambda: state.completed)
+        trimmer.start()
         try:
             yield
         finally:
+            await trimmer.stop()
             # After SIGTERM the deadline is already set (serve.py): these steps get what is left.
             state.begin_drain()
             await state.wait_idle(state.drain_remaining_s())
@@ -124,8 +96,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_request_bytes, on_refused=lambda: metrics.reject("too_large")
-    )
+    tighten_openapi(app, settings)
+    app.add_middleware(BodyGuard, settings=settings, state=state)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

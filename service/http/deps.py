@@ -25,7 +25,10 @@ class ServiceState:
         self.draining = False
         # Monotonic instant by which the whole shutdown must be over; set once, when draining starts.
         self.drain_deadline: float | None = None
+        # Set when draining begins: body reads waiting on a stalled upload wake up (http/body.py).
+        self.drain_started = asyncio.Event()
         self._in_flight = 0
+        self.completed = 0  # requests finished, for the memory trimmer's "was there work?"
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -44,6 +47,7 @@ class ServiceState:
 
     def work_finished(self) -> None:
         self._in_flight -= 1
+        self.completed += 1
         self.metrics.in_flight.dec()
         if self._in_flight == 0:
             self._idle.set()
@@ -56,6 +60,7 @@ class ServiceState:
         never take more than one drain timeout.
         """
         self.draining = True
+        self.drain_started.set()
         if self.drain_deadline is None:
             self.drain_deadline = (
                 time.monotonic() + self.settings.drain_timeout_s if deadline is None else deadline

@@ -14,8 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.engine.admission import Overloaded
 from service.engine.batcher import DeadlineExceeded, QueueFull
 from service.engine.decode import ImageTooLarge
+from service.engine.detect_stage import CropTooSmall
 from service.engine.pipeline import ImageRejected, InvalidRequest, NotReady
 
 log = logging.getLogger("fermam.http")
@@ -56,9 +58,20 @@ def to_api_error(error: BaseException) -> ApiError:
         # The decoder raises only ImageTooLarge or NotAnImage.
         if isinstance(error.cause, ImageTooLarge):
             return ApiError(413, "too_large", str(error))
+        if isinstance(error.cause, CropTooSmall):
+            return ApiError(422, "image_too_small", str(error))
         return ApiError(415, "not_an_image", str(error))
     if isinstance(error, InvalidRequest):
         return ApiError(422, "invalid_request", str(error))
+    if isinstance(error, Overloaded):
+        retry = str(max(1, math.ceil(error.retry_after_s)))
+        return ApiError(
+            429,
+            "overloaded",
+            f"the work queued ahead needs ~{error.estimate_s:.1f} s, beyond this request's deadline; "
+            "retry later or elsewhere",
+            {"Retry-After": retry},
+        )
     if isinstance(error, QueueFull):
         retry = str(max(1, math.ceil(error.retry_after_s)))
         return ApiError(

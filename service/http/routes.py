@@ -5,25 +5,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.engine.pipeline import Engine, InferenceResult, RequestOptions
 from service.http import schemas
+from service.http.body import parse_multipart
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep
 from service.http.errors import ApiError
+from service.http.public import public_metadata
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 # MIME-wrapped base64 (RFC 2045) breaks lines every 76 characters; b64decode(validate=True) would refuse.
 _ASCII_WHITESPACE = dict.fromkeys(map(ord, " \t\n\r\x0b\x0c"))
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 router = APIRouter()
 
@@ -32,10 +35,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "The multipart body is malformed (boundary, part headers, too many fields).",
         401: "Missing or invalid API key.",
+        408: "The request body did not arrive in time (body_timeout_s, body_idle_timeout_s).",
         413: "An image exceeds the byte or pixel limit, or too many images.",
         415: "Not an image, or the body is neither multipart/form-data nor JSON.",
-        422: "A field is invalid or unknown.",
-        429: "Queue full; retry after the Retry-After header's seconds.",
+        422: "A field is invalid or unknown, or a detect=false image is too small to be a face.",
+        429: "Overloaded (the work ahead would not finish before this request's deadline) or queue "
+        "full; retry after the Retry-After header's seconds.",
         503: "Starting up or draining.",
         504: "The request's deadline passed.",
     }.items()
@@ -98,7 +103,7 @@ async def models(engine: EngineDep) -> schemas.ModelList:
         dtype=info.dtype,
         device=info.device,
         face_backend=info.face_backend,
-        metadata=info.metadata,
+        metadata=public_metadata(info.metadata),
     )
     return schemas.ModelList(models=[card])
 
@@ -152,12 +157,10 @@ def _deadline(request: Request, default_ms: int, max_ms: int) -> float:
     raw = request.headers.get(TIMEOUT_HEADER)
     timeout_ms = default_ms
     if raw is not None:
-        try:
-            timeout_ms = int(raw)
-        except ValueError:
-            raise ApiError(
-                422, "invalid_request", f"{TIMEOUT_HEADER} must be an integer of milliseconds"
-            ) from None
+        # Digits only: int() would also take "1_000", "+100" and " 100 ".
+        if not _DIGITS.fullmatch(raw):
+            raise ApiError(422, "invalid_request", f"{TIMEOUT_HEADER} must be an integer of milliseconds")
+        timeout_ms = int(raw)
         if timeout_ms <= 0:
             raise ApiError(422, "invalid_request", f"{TIMEOUT_HEADER} must be positive")
     return time.monotonic() + min(timeout_ms, max_ms) / 1000.0
@@ -197,11 +200,8 @@ def _invalid(error: ValidationError) -> ApiError:
 
 
 async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes], RequestOptions]:
-    # File count is checked by us (413 with a clear message) rather than by the parser (400).
-    try:
-        form = await request.form(max_files=10_000, max_fields=100, max_part_size=64 * 1024)
-    except StarletteHTTPException as error:  # Starlette's rendering of a malformed body
-        raise ApiError(400, "invalid_request", f"malformed multipart body: {error.detail}") from None
+    # Sizes and the image count are checked while the body streams in (http/body.py).
+    form = await parse_multipart(request, settings)
     try:
         files: list[bytes] = []
         fields: dict[str, str] = {}
@@ -241,7 +241,8 @@ async def _read_upload(upload: UploadFile, max_bytes: int, index: int) -> bytes:
 async def _read_json(request: Request, settings: Any) -> tuple[list[bytes], RequestOptions]:
     body = await request.body()
     try:
-        parsed = schemas.ExpressionJSONRequest.model_validate_json(body)
+        # Strict: JSON has real booleans and integers, so `"top_k": true` is not 1.
+        parsed = schemas.ExpressionJSONRequest.model_validate_json(body, strict=True)
     except ValidationError as error:
         raise _invalid(error) from None
     if len(parsed.images) > settings.max_files:

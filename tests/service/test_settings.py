@@ -23,3 +23,16 @@ def test_a_detector_the_backend_cannot_load_is_refused_at_start() -> None:
     with pytest.raises(ValidationError):
         Settings(detector="dlib")
     assert Settings(detector="retinaface").detector == "retinaface"
+
+
+def test_api_keys_come_from_a_file_too_so_they_stay_out_of_the_process_list(tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated monthly\nfirst-key-123\nsecond-key-456, third-key-789\n\n")
+    settings = Settings(api_keys="flag-key-000", api_keys_file=keys)
+    assert settings.api_keys == ["flag-key-000", "first-key-123", "second-key-456", "third-key-789"]
+    assert "first-key-123" not in repr(settings)
+    keys.write_text("short\n")
+    with pytest.raises(ValidationError, match="at least 8"):
+        Settings(api_keys_file=keys)
+    with pytest.raises(ValidationError, match="cannot read"):
+        Settings(api_keys_file=tmp_path / "missing")

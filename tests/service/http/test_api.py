@@ -259,6 +259,14 @@ def test_models_route_describes_the_loaded_weights(client, weights_path) -> None
     assert len(card["classes"]) == 8 and card["face_backend"] == "dlib"
 
 
+def test_models_metadata_shows_no_paths_and_no_host(client) -> None:
+    (card,) = client.get("/v1/models").json()["models"]
+    assert card["metadata"], "the checkpoint's public metadata should still be there"
+    for key, value in card["metadata"].items():
+        assert "trained_on" not in key and "host" not in key
+        assert "/" not in str(value) and "\\" not in str(value), (key, value)
+
+
 def test_a_deadline_too_short_gives_504(client) -> None:
     response = post_files(client, ("g.jpg", photo(GROUP)), headers={"x-request-timeout-ms": "1"})
     assert_error(response, 504, "deadline_exceeded")
@@ -296,6 +304,7 @@ def test_draining_turns_readiness_off_and_refuses_new_work(client) -> None:
         assert_error(post_files(client, ("grass.jpg", photo(NO_FACE))), 503, "not_ready")
     finally:
         state.draining, state.drain_deadline = False, None
+        state.drain_started.clear()
     assert client.get("/readyz").status_code == 200
 
 
