@@ -170,3 +170,12 @@ def test_concurrent_requests_each_get_their_own_answer(engine) -> None:
     same = [second.images[0].faces[0].scores[c] for c in engine.class_names]
     again = [third.images[1].faces[0].scores[c] for c in engine.class_names]
     np.testing.assert_allclose(same, again, atol=1e-4)
+
+
+def test_every_face_carries_pose_and_quality(engine) -> None:
+    (image,) = infer(engine, [photo(FACE_CROP)], return_landmarks=False).images
+    (face,) = image.faces
+    assert face.landmarks is None  # pose is fitted from the landmarks even when they are not returned
+    assert face.pose is not None and face.pose.pitch > 8  # aflw-test.jpg: the face is tilted up
+    assert face.quality is not None and face.quality.size == min(face.box[2], face.box[3])
+    assert 0 < face.quality.sharpness < 1 and 0 < face.quality.brightness < 1
