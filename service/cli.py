@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the HTTP service"),
+    "predict": ("service.predict", "faces and expressions of photos, locally; --annotate draws them"),
     "train": ("model.train", "train FERMam (or its landmark branch)"),
     "eval": ("model.evaluate", "evaluate weights on an npz split"),
     "complexity": ("model.complexity", "parameters and MACs per module"),

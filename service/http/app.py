@@ -12,7 +12,9 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine.pipeline import Engine
+from service.http.demo import install_demo_page
 from service.http.deps import ServiceState
+from service.http.docs import install_offline_docs
 from service.http.errors import ApiError, error_response, install_error_handlers
 from service.http.routes import router
 from service.metrics import ServiceMetrics
@@ -120,9 +122,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         summary="Faces, 68 landmarks and facial expressions (FERMam) for uploaded photos.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # served offline by install_offline_docs
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
+    install_offline_docs(app)
+    install_demo_page(app)
     app.include_router(router)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, on_refused=lambda: metrics.reject("too_large")
