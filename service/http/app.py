@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine.pipeline import Engine
 from service.http.deps import ServiceState
 from service.http.errors import ApiError, error_response, install_error_handlers
+from service.http.media import router as media_router
 from service.http.routes import router
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -124,6 +125,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(media_router)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, on_refused=lambda: metrics.reject("too_large")
     )
