@@ -16,6 +16,7 @@ from service.http.demo import install_demo_page
 from service.http.deps import ServiceState
 from service.http.docs import install_offline_docs
 from service.http.errors import ApiError, error_response, install_error_handlers
+from service.http.media import router as media_router
 from service.http.routes import router
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -130,6 +131,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_offline_docs(app)
     install_demo_page(app)
     app.include_router(router)
+    app.include_router(media_router)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, on_refused=lambda: metrics.reject("too_large")
     )

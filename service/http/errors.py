@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.engine.batcher import DeadlineExceeded, QueueFull
 from service.engine.decode import ImageTooLarge
 from service.engine.pipeline import ImageRejected, InvalidRequest, NotReady
+from service.engine.video import VideoRejected
 
 log = logging.getLogger("fermam.http")
 
@@ -45,7 +46,10 @@ EXPECTED_ENGINE_ERRORS: tuple[type[Exception], ...] = (
     QueueFull,
     DeadlineExceeded,
     NotReady,
+    VideoRejected,
 )
+
+_VIDEO_STATUS = {"not_a_video": 415, "too_large": 413, "too_long": 413, "invalid_request": 422}
 
 
 def to_api_error(error: BaseException) -> ApiError:
@@ -57,6 +61,8 @@ def to_api_error(error: BaseException) -> ApiError:
         if isinstance(error.cause, ImageTooLarge):
             return ApiError(413, "too_large", str(error))
         return ApiError(415, "not_an_image", str(error))
+    if isinstance(error, VideoRejected):
+        return ApiError(_VIDEO_STATUS.get(error.code, 422), error.code, str(error))
     if isinstance(error, InvalidRequest):
         return ApiError(422, "invalid_request", str(error))
     if isinstance(error, QueueFull):
