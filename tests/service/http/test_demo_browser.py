@@ -127,6 +127,7 @@ def test_fake_webcam_streams_frames_and_keeps_one_track(server, playwright, tmp_
         (face,) = last["faces"]
         assert tracks == [face["track_id"]]  # the same person kept one id across the frames
         assert face["smoothed"]["expression"] in page.evaluate("window.fermamDemo.classes")
+        assert set(face["pose"]) == {"yaw", "pitch", "roll"} and face["quality"]["size"] > 100
         assert f"#{face['track_id']}" in page.inner_text("#status")
         shot = tmp_path / "camera.png"
         page.locator("#view").screenshot(path=str(shot))
