@@ -147,7 +147,7 @@ def estimate_pose(landmarks: np.ndarray, model: np.ndarray = GENERIC_FACE_68) ->
         )
         delta, *_ = np.linalg.lstsq(jacobian, -base, rcond=None)
         params = params + delta
-        if np.abs(delta[:3]).max() < 1e-4:
+        if np.abs(delta[:3]).max() < 5e-3:  # degrees; results are rounded to 0.01
             break
     fitted = angles_of(rotation_matrix(params[0], params[1], params[2]))
     return Pose(yaw=round(fitted.yaw, 2), pitch=round(fitted.pitch, 2), roll=round(fitted.roll, 2))
