@@ -136,3 +136,17 @@ def test_fake_webcam_streams_frames_and_keeps_one_track(server, playwright, tmp_
         assert_local(requests, server)
     finally:
         browser.close()
+
+
+def test_swagger_ui_renders_the_schema_with_no_request_leaving_the_server(server, playwright) -> None:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    try:
+        requests: list[str] = []
+        page = browser.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(server + "/docs")
+        page.wait_for_selector('[data-path="/v1/expressions"]', timeout=60_000)
+        assert "fermam-service" in page.inner_text(".swagger-ui .info")
+        assert_local(requests, server)
+    finally:
+        browser.close()
