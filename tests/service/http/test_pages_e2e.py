@@ -93,3 +93,13 @@ def test_help_of_a_command_does_not_import_torch(command) -> None:
     )
     assert result.stderr.strip().endswith("NO-TORCH"), result.stderr
     assert "usage: fermam " + command in result.stdout
+
+
+def test_with_api_keys_the_pages_stay_open_and_the_api_needs_the_key(weights_path) -> None:
+    """The demo page and the docs must load before a user can type a key into them."""
+    key = "demo-key-12345"
+    with live_server(weights_path, "--api-keys", key) as base:
+        for page in ("/", "/docs", "/static/demo/demo.js"):
+            assert httpx.get(base + page, timeout=10).status_code == 200, page
+        assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
+        assert httpx.get(base + "/v1/models", headers={"X-API-Key": key}, timeout=10).status_code == 200
