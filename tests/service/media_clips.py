@@ -15,7 +15,9 @@ GROUP = "2008_001322.jpg"  # three faces
 NO_FACE = "grass_no_face.jpg"
 
 
-def frames_of(name: str, count: int, *, shift_px: int = 2, size: tuple[int, int] = (480, 360)) -> list[np.ndarray]:
+def frames_of(
+    name: str, count: int, *, shift_px: int = 2, size: tuple[int, int] = (480, 360)
+) -> list[np.ndarray]:
     """`count` RGB frames of one photo, panned `shift_px` to the right per frame (a slow camera pan)."""
     image = np.asarray(Image.open(PHOTOS / name).convert("RGB").resize(size))
     return [np.roll(image, i * shift_px, axis=1) for i in range(count)]
