@@ -14,13 +14,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from typing import TYPE_CHECKING
 
 from model.config import AFFECTNET8_CLASSES, FERPLUS_CLASSES, RAFDB_CLASSES, FERMamConfig
-from model.fermam import FERMam
+
+if TYPE_CHECKING:  # torch is imported when counting, so `fermam complexity --help` stays fast
+    from torch import nn
+
+    from model.fermam import FERMam
 
 # The released code's figures (thop, 8 classes, 112x112 branches), which ours must stay near.
 REFERENCE_PARAMS = 26_990_000
@@ -37,6 +38,9 @@ def default_class_names(count: int) -> tuple[str, ...]:
 
 def measure(model: FERMam) -> dict[str, object]:
     """{"params", "macs", "modules": {child: {"params", "macs"}}} for one face at the contract's size."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     size = model.config.contract.input_size
     device = next(model.parameters()).device
     was_training = model.training
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.classes < 1:
             parser.error("--classes must be positive")
         config = FERMamConfig(class_names=default_class_names(args.classes))
+    import torch
+
+    from model.fermam import FERMam
+
     # Counting needs shapes only: a meta-device network allocates nothing and runs in a blink.
     with torch.device("meta"):
         model = FERMam(config)

@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the HTTP service"),
+    "predict": ("service.predict", "faces and expressions of photos, locally; --annotate draws them"),
     "train": ("model.train", "train FERMam (or its landmark branch)"),
     "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
     "calibrate": ("service.calibrate", "fit the score temperature and report calibration error"),

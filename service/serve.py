@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 import types
@@ -85,6 +86,23 @@ def _one_line(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def port_unavailable(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound now, or None. Binds as uvicorn will (SO_REUSEADDR, so a
+    port in TIME_WAIT is free) and lets go at once; a port taken in between still fails later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot resolve the host ({error.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
 def main(argv: list[str]) -> int:
     try:
         settings = load_settings(argv)
@@ -100,6 +118,11 @@ def main(argv: list[str]) -> int:
             "(train one with `fermam train` or set FERMAM_WEIGHTS)",
             file=sys.stderr,
         )
+        return 2
+    # Loading the models takes seconds: find out first whether the port can be had at all.
+    refused = port_unavailable(settings.host, settings.port)
+    if refused:
+        print(f"fermam serve: cannot listen on {settings.host}:{settings.port}: {refused}", file=sys.stderr)
         return 2
     # Heavy imports only once the settings are known to be good.
     import uvicorn

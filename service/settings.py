@@ -135,6 +135,35 @@ class Settings(BaseSettings):
         description="After large requests, hand freed heap back to the OS (glibc malloc_trim) at most "
         "this often (0: never).",
     )
+    # -- streams and videos (docs/streaming.md) -------------------------------------------------
+    stream_max_frame_bytes: int = Field(
+        2 * 2**20, ge=1024, description="WS /v1/stream: largest frame, bytes (error too_large)."
+    )
+    stream_max_fps: float = Field(
+        30.0, gt=0, description="WS /v1/stream: frames per second a session may send (more are dropped)."
+    )
+    stream_max_session_s: float = Field(3600.0, gt=0, description="WS /v1/stream: longest session, seconds.")
+    stream_queue_frames: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="WS /v1/stream: unprocessed frames held per session; more drop the oldest.",
+    )
+    stream_smoothing_tau_ms: float = Field(
+        500.0, ge=0, description="Default time constant of the per-track expression smoothing (EMA), ms."
+    )
+    stream_track_ttl_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="How long a face track stays open without a matching face, ms of frame time.",
+    )
+    video_max_bytes: int = Field(
+        100 * 2**20, ge=1024, description="POST /v1/videos: largest file, bytes (413)."
+    )
+    video_max_duration_s: float = Field(
+        300.0, gt=0, description="POST /v1/videos: longest video, seconds (413)."
+    )
+    video_max_fps: float = Field(10.0, gt=0, description="POST /v1/videos: highest sampling rate, frames/s.")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -185,5 +214,6 @@ class Settings(BaseSettings):
 
     @property
     def max_request_bytes(self) -> int:
-        """Largest request body: every file at its limit, base64's 4/3 growth, and form overhead."""
-        return self.max_files * self.max_image_bytes * 4 // 3 + 64 * 1024
+        """Largest request body: every file at its limit with base64's 4/3 growth, or one video."""
+        images = self.max_files * self.max_image_bytes * 4 // 3
+        return max(images, self.video_max_bytes) + 64 * 1024

@@ -36,6 +36,7 @@ from service.engine.batcher import (
 )
 from service.engine.decode import DecodedImage, ImageDecodeError, decode_image
 from service.engine.detect_stage import check_crop_size, run_detect_batch
+from service.engine.face_quality import Pose, Quality, describe_faces
 from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -83,6 +84,8 @@ class FaceResult:
     expression: str
     scores: dict[str, float]
     top: list[tuple[str, float]] | None
+    pose: Pose | None = None  # fitted from the landmarks (service/engine/face_quality.py)
+    quality: Quality | None = None
 
 
 @dataclass(frozen=True)
@@ -429,6 +432,7 @@ class Engine:
         kept = [list(r.value)[:max_faces] for r in stage1]
         located = [(i, face) for i, faces in enumerate(kept) for face in faces]
         probabilities: list[np.ndarray] = []
+        described: list[tuple[Pose, Quality]] = []
         if located:
             align_started = time.monotonic()
             crops = await loop.run_in_executor(
@@ -439,12 +443,20 @@ class Engine:
                 self.config.contract,
             )
             timings.align_s = time.monotonic() - align_started
+            # Pose and quality (CPU, numpy) run in the pool while stage 2 computes.
+            describing = loop.run_in_executor(
+                self._pool,
+                describe_faces,
+                [d.pixels for d in decoded],
+                [(i, f.box, f.landmarks) for i, f in located],
+            )
             stage2 = await gather_or_cancel(self._classify.submit_many(list(crops), deadline))
+            described = await describing
             timings.classify_queue_s = max(r.queue_s for r in stage2)
             timings.classify_s = max(r.compute_s for r in stage2)
             probabilities = [r.value for r in stage2]
 
-        results = self._assemble(decoded, stage1, kept, located, probabilities, options)
+        results = self._assemble(decoded, stage1, kept, located, probabilities, described, options)
         timings.total_s = time.monotonic() - started
         return InferenceResult(results, timings)
 
@@ -462,11 +474,12 @@ class Engine:
         kept: Sequence[list[DetectedFace]],
         located: Sequence[tuple[int, DetectedFace]],
         probabilities: Sequence[np.ndarray],
+        described: Sequence[tuple[Pose, Quality]],
         options: RequestOptions,
     ) -> list[ImageResult]:
         per_image: list[list[FaceResult]] = [[] for _ in decoded]
-        for (index, face), probs in zip(located, probabilities, strict=True):
-            per_image[index].append(self._face_result(face, probs, options))
+        for (index, face), probs, (pose, quality) in zip(located, probabilities, described, strict=True):
+            per_image[index].append(self._face_result(face, probs, options, pose, quality))
         results = []
         for index, (image, found, faces) in enumerate(zip(decoded, stage1, per_image, strict=True)):
             self.metrics.faces_per_image.observe(len(faces))
@@ -483,7 +496,14 @@ class Engine:
         self.metrics.faces.inc(len(located))
         return results
 
-    def _face_result(self, face: DetectedFace, probs: np.ndarray, options: RequestOptions) -> FaceResult:
+    def _face_result(
+        self,
+        face: DetectedFace,
+        probs: np.ndarray,
+        options: RequestOptions,
+        pose: Pose | None = None,
+        quality: Quality | None = None,
+    ) -> FaceResult:
         scores = {name: float(p) for name, p in zip(self.class_names, probs, strict=True)}
         best = int(np.argmax(probs))
         top = None
@@ -498,6 +518,8 @@ class Engine:
             expression=self.class_names[best],
             scores=scores,
             top=top,
+            pose=pose,
+            quality=quality,
         )
 
     # -- batch functions (run on the batchers' worker threads) ----------------------------------

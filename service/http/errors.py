@@ -19,6 +19,7 @@ from service.engine.batcher import DeadlineExceeded, QueueFull
 from service.engine.decode import ImageTooLarge
 from service.engine.detect_stage import CropTooSmall
 from service.engine.pipeline import ImageRejected, InvalidRequest, NotReady
+from service.engine.video import VideoRejected
 
 log = logging.getLogger("fermam.http")
 
@@ -47,7 +48,10 @@ EXPECTED_ENGINE_ERRORS: tuple[type[Exception], ...] = (
     QueueFull,
     DeadlineExceeded,
     NotReady,
+    VideoRejected,
 )
+
+_VIDEO_STATUS = {"not_a_video": 415, "too_large": 413, "too_long": 413, "invalid_request": 422}
 
 
 def to_api_error(error: BaseException) -> ApiError:
@@ -61,6 +65,8 @@ def to_api_error(error: BaseException) -> ApiError:
         if isinstance(error.cause, CropTooSmall):
             return ApiError(422, "image_too_small", str(error))
         return ApiError(415, "not_an_image", str(error))
+    if isinstance(error, VideoRejected):
+        return ApiError(_VIDEO_STATUS.get(error.code, 422), error.code, str(error))
     if isinstance(error, InvalidRequest):
         return ApiError(422, "invalid_request", str(error))
     if isinstance(error, Overloaded):

@@ -314,6 +314,8 @@ def _to_response(engine: Engine, result: InferenceResult) -> schemas.ExpressionR
                     top=None
                     if face.top is None
                     else [schemas.LabelScore(label=k, score=v) for k, v in face.top],
+                    pose=None if face.pose is None else schemas.Pose(**vars(face.pose)),
+                    quality=None if face.quality is None else schemas.Quality(**vars(face.quality)),
                 )
             )
         images.append(

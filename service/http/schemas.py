@@ -45,6 +45,24 @@ class LabelScore(BaseModel):
     score: float
 
 
+class Pose(BaseModel):
+    """Head pose fitted from the 68 landmarks to a generic 3-D face (docs/face-quality.md for limits)."""
+
+    yaw: float = Field(description="Degrees; > 0 when the nose points towards the image's right.")
+    pitch: float = Field(description="Degrees; > 0 when the nose points up.")
+    roll: float = Field(description="Degrees; > 0 when the face is turned clockwise in the image.")
+
+
+class Quality(BaseModel):
+    """How far to trust the face: ignore blurred, dark or tiny faces (docs/face-quality.md)."""
+
+    sharpness: float = Field(
+        description="0..1, variance of the Laplacian of the face at 64 px; sharp photos ~0.7-0.9."
+    )
+    brightness: float = Field(description="0..1, mean luminance of the face box.")
+    size: float = Field(description="Shorter side of the face box, pixels.")
+
+
 class Face(BaseModel):
     box: Box
     landmarks: list[tuple[float, float]] | None = Field(
@@ -53,6 +71,8 @@ class Face(BaseModel):
     expression: str = Field(description="The most likely expression.")
     scores: dict[str, float] = Field(description="Probability of every class; they sum to 1.")
     top: list[LabelScore] | None = Field(None, description="The top_k expressions, when top_k was given.")
+    pose: Pose | None = Field(None, description="Yaw, pitch and roll in degrees.")
+    quality: Quality | None = Field(None, description="Sharpness, brightness and size of the face.")
 
 
 class ImageFaces(BaseModel):

@@ -138,6 +138,7 @@ def test_build_script_refuses_cpu_torch(tmp_path) -> None:
 
 
 def test_fetched_weights_are_the_ones_face_alignment_and_our_backend_expect() -> None:
+    pytest.importorskip("face_alignment", reason="the face-alignment extra is not installed")
     from face_alignment.api import models_urls as fan_urls
     from face_alignment.detection.sfd.sfd_detector import models_urls as sfd_urls
 

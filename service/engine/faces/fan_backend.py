@@ -178,8 +178,13 @@ class FanFaceBackend(FaceBackend):
     ) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
         ensure_weights(self.weights_dir, detector, allow_download=allow_download)
-        # Imported only now: face_alignment pulls in cv2, scikit-image and numba.
-        from face_alignment.models import FAN
+        # Imported only now: face_alignment pulls in cv2, scikit-image and numba (an optional extra).
+        try:
+            from face_alignment.models import FAN
+        except ImportError as error:
+            raise RuntimeError(
+                "the face-alignment backend needs its extra: pip install 'fermam-service[face-alignment]'"
+            ) from error
 
         self.device = torch.device(device)
         self.min_face_size = int(min_face_size)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from photo_truth import load_photo
 
+pytest.importorskip("face_alignment", reason="the face-alignment extra is not installed")
 from service.engine.faces import create_face_backend
 from service.engine.faces.fan_backend import (
     FAN_FILE,

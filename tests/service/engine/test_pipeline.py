@@ -195,3 +195,12 @@ def test_scores_are_softmax_of_logits_over_the_checkpoints_temperature(
     expected = np.sqrt(p) / np.sqrt(p).sum()  # softmax(z / 2T) from softmax(z / T)
     assert np.allclose(list(hot.scores.values()), expected, atol=2e-3)
     assert hot.expression == base.expression
+
+
+def test_every_face_carries_pose_and_quality(engine) -> None:
+    (image,) = infer(engine, [photo(FACE_CROP)], return_landmarks=False).images
+    (face,) = image.faces
+    assert face.landmarks is None  # pose is fitted from the landmarks even when they are not returned
+    assert face.pose is not None and face.pose.pitch > 8  # aflw-test.jpg: the face is tilted up
+    assert face.quality is not None and face.quality.size == min(face.box[2], face.box[3])
+    assert 0 < face.quality.sharpness < 1 and 0 < face.quality.brightness < 1

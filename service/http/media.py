@@ -1,0 +1,305 @@
+"""Routes for streams and videos: `WS /v1/stream` and `POST /v1/videos`. Thin: the work is in
+service/engine/stream.py and service/engine/video.py; errors map in service/http/errors.py."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.pipeline import InvalidRequest, RequestOptions
+from service.engine.stream import StreamLimits, StreamSession, parse_stream_options
+from service.engine.video import VideoOptions, VideoResult, analyse_video
+from service.http import schemas
+from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep, require_api_key
+from service.http.errors import ApiError, to_api_error
+from service.http.routes import _deadline, _invalid
+
+router = APIRouter()
+
+# WebSocket close codes (RFC 6455): normal, going away, policy violation, try again later.
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER = 1000, 1001, 1008, 1013
+
+
+def _describe(error: BaseException) -> tuple[str, str]:
+    api = to_api_error(error)
+    return api.code, api.message
+
+
+def _authorised(websocket: WebSocket) -> bool:
+    """The HTTP rule (header keys), plus `api_key` in the query for browsers."""
+    try:
+        require_api_key(websocket)  # type: ignore[arg-type]  # reads only .app and .headers
+        return True
+    except ApiError:
+        offered = websocket.query_params.get("api_key")
+        if offered is None or "x-api-key" in websocket.headers or "authorization" in websocket.headers:
+            return False
+        scope = dict(websocket.scope)
+        scope["headers"] = [*scope["headers"], (b"x-api-key", offered.encode())]
+        try:
+            require_api_key(WebSocket(scope, websocket.receive, websocket.send))  # type: ignore[arg-type]
+        except ApiError:
+            return False
+        return True
+
+
+async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_json({"type": "error", "code": code, "message": message, "frame_id": None})
+        await websocket.close(close_code)
+
+
+@router.websocket("/v1/stream")
+async def stream(websocket: WebSocket) -> None:
+    """Camera frames in, tracked faces and smoothed expressions out (protocol: docs/streaming.md)."""
+    state: ServiceState = websocket.app.state.service
+    await websocket.accept()
+    if not _authorised(websocket):
+        await _refuse(websocket, "unauthorized", "missing or invalid API key", CLOSE_POLICY)
+        return
+    if not state.ready or state.engine is None:
+        await _refuse(websocket, "not_ready", "the service is starting or draining", CLOSE_TRY_LATER)
+        return
+    try:
+        options = parse_stream_options(websocket.query_params, state.settings)
+    except InvalidRequest as error:
+        await _refuse(websocket, "invalid_request", str(error), CLOSE_POLICY)
+        return
+
+    async def receive() -> bytes | str | None:
+        try:
+            message = await websocket.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        return message.get("bytes") if message.get("bytes") is not None else message.get("text", "")
+
+    session = StreamSession(
+        state.engine,
+        options,
+        StreamLimits.from_settings(state.settings),
+        send=websocket.send_json,
+        describe_error=_describe,
+        stopping=lambda: state.draining,
+    )
+    state.work_started()
+    try:
+        reason = await session.serve(receive)
+    except (WebSocketDisconnect, RuntimeError):
+        reason = None  # the socket went away while we sent
+    finally:
+        state.work_finished()
+    if reason is not None:
+        with contextlib.suppress(Exception):
+            await websocket.close(CLOSE_GOING_AWAY if reason == "shutdown" else CLOSE_NORMAL)
+
+
+# -- videos ------------------------------------------------------------------------------------
+
+
+class VideoForm(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    fps: float = Field(2.0, gt=0, description="Frames sampled per second of video (server cap).")
+    max_faces: int | None = Field(None, ge=1)
+    min_face_size: int | None = Field(None, ge=0)
+    return_landmarks: bool = False
+    top_k: int | None = Field(None, ge=1)
+    smoothing_tau_ms: float | None = Field(None, ge=0, description="Smoothing time constant, ms.")
+
+
+class TimelinePoint(BaseModel):
+    t: float = Field(description="Seconds from the video's first frame.")
+    frame: int = Field(description="Index among the sampled frames.")
+    box: schemas.Box
+    landmarks: list[tuple[float, float]] | None = None
+    expression: str
+    scores: dict[str, float]
+    top: list[schemas.LabelScore] | None = None
+    smoothed: dict[str, float] = Field(description="The track's EMA of scores at this point.")
+
+
+class TrackSummary(BaseModel):
+    expression: str = Field(description="Argmax of mean_scores.")
+    mean_scores: dict[str, float]
+    expression_frames: dict[str, int] = Field(description="Frames per top expression.")
+
+
+class VideoTrack(BaseModel):
+    track_id: int
+    first_s: float
+    last_s: float
+    frames: int
+    summary: TrackSummary
+    timeline: list[TimelinePoint]
+
+
+class VideoInfo(BaseModel):
+    duration_s: float
+    width: int
+    height: int
+    source_fps: float | None
+    sample_fps: float
+    frames_sampled: int
+    frames_with_faces: int
+
+
+class VideoTimings(BaseModel):
+    decode_ms: float
+    total_ms: float
+
+
+class VideoResponse(BaseModel):
+    model: schemas.ModelRef
+    video: VideoInfo
+    tracks: list[VideoTrack]
+    timings: VideoTimings
+
+
+_VIDEO_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    **VideoForm.model_json_schema()["properties"],
+                },
+            }
+        }
+    },
+}
+_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorBody, "description": text}
+    for status, text in {
+        401: "Missing or invalid API key.",
+        413: "The file exceeds --video-max-bytes or the video --video-max-duration-s.",
+        415: "Not a readable video.",
+        422: "A field is invalid or unknown.",
+        429: "Queue full; retry after Retry-After.",
+        503: "Starting up or draining.",
+        504: "The request's deadline passed.",
+    }.items()
+}
+
+
+@router.post(
+    "/v1/videos",
+    response_model=VideoResponse,
+    responses=_VIDEO_ERRORS,
+    dependencies=[ApiKey],
+    openapi_extra={"requestBody": _VIDEO_BODY},
+    tags=["videos"],
+)
+async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoResponse:
+    """One timeline per tracked face of a video file, sampled at `fps`, with a per-track summary.
+
+    Send `multipart/form-data` with one `file` (any container and codec FFmpeg reads: MP4, WebM,
+    MKV, AVI ...). Header `X-Request-Timeout-Ms` sets the deadline, as for /v1/expressions.
+    """
+    settings = state.settings
+    deadline = _deadline(request, settings.default_timeout_ms, settings.max_timeout_ms)
+    try:
+        form = await request.form(max_files=2, max_fields=20, max_part_size=64 * 1024)
+    except StarletteHTTPException as error:
+        raise ApiError(400, "invalid_request", f"malformed multipart body: {error.detail}") from None
+    state.work_started()
+    try:
+        upload, fields = None, {}
+        for key, value in form.multi_items():
+            if key == "file" and isinstance(value, UploadFile) and upload is None:
+                upload = value
+            elif isinstance(value, UploadFile) or key in fields:
+                raise ApiError(422, "invalid_request", f"unexpected part {key!r}; send one 'file'")
+            else:
+                fields[key] = value
+        if upload is None:
+            raise ApiError(422, "invalid_request", "no video: add a 'file' part")
+        try:
+            form_options = VideoForm.model_validate(fields)
+        except ValidationError as error:
+            raise _invalid(error) from None
+        if upload.size is not None and upload.size > settings.video_max_bytes:
+            state.metrics.reject("too_large")
+            raise ApiError(
+                413, "too_large", f"video of {upload.size} bytes; the limit is {settings.video_max_bytes}"
+            )
+        options = VideoOptions(
+            fps=form_options.fps,
+            request=RequestOptions(
+                max_faces=form_options.max_faces,
+                min_face_size=form_options.min_face_size,
+                return_landmarks=form_options.return_landmarks,
+                top_k=form_options.top_k,
+            ),
+            tau_ms=settings.stream_smoothing_tau_ms
+            if form_options.smoothing_tau_ms is None
+            else form_options.smoothing_tau_ms,
+        )
+        result = await analyse_video(engine, upload.file, options, deadline)
+    finally:
+        state.work_finished()
+        await form.close()
+    return _video_response(engine.info, result)
+
+
+def _video_response(info: Any, result: VideoResult) -> VideoResponse:
+    tracks = []
+    for track in result.tracks:
+        timeline = []
+        for point in track.points:
+            face = point.face
+            x, y, w, h = face.box
+            timeline.append(
+                TimelinePoint(
+                    t=point.time_s,
+                    frame=point.frame_index,
+                    box=schemas.Box(x=x, y=y, width=w, height=h, score=face.score),
+                    landmarks=None
+                    if face.landmarks is None
+                    else [(float(a), float(b)) for a, b in face.landmarks],
+                    expression=face.expression,
+                    scores=face.scores,
+                    top=None
+                    if face.top is None
+                    else [schemas.LabelScore(label=k, score=v) for k, v in face.top],
+                    smoothed=point.smoothed,
+                )
+            )
+        mean = track.mean_scores(info.class_names)
+        tracks.append(
+            VideoTrack(
+                track_id=track.track_id,
+                first_s=track.points[0].time_s,
+                last_s=track.points[-1].time_s,
+                frames=len(track.points),
+                summary=TrackSummary(
+                    expression=max(mean, key=mean.__getitem__),
+                    mean_scores=mean,
+                    expression_frames=track.expression_frames(),
+                ),
+                timeline=timeline,
+            )
+        )
+    return VideoResponse(
+        model=schemas.ModelRef(name=info.name, version=info.version, classes=list(info.class_names)),
+        video=VideoInfo(
+            duration_s=result.duration_s,
+            width=result.width,
+            height=result.height,
+            source_fps=result.source_fps,
+            sample_fps=result.sample_fps,
+            frames_sampled=result.frames_sampled,
+            frames_with_faces=result.frames_with_faces,
+        ),
+        tracks=tracks,
+        timings=VideoTimings(decode_ms=result.decode_s * 1000, total_ms=result.total_s * 1000),
+    )

@@ -1,0 +1,45 @@
+"""Short video clips made with PyAV from the real photos, for the stream and video tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+PHOTOS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "photos"
+GROUP = "2008_001322.jpg"  # three faces
+NO_FACE = "grass_no_face.jpg"
+
+
+def frames_of(
+    name: str, count: int, *, shift_px: int = 2, size: tuple[int, int] = (480, 360)
+) -> list[np.ndarray]:
+    """`count` RGB frames of one photo, panned `shift_px` to the right per frame (a slow camera pan)."""
+    image = np.asarray(Image.open(PHOTOS / name).convert("RGB").resize(size))
+    return [np.roll(image, i * shift_px, axis=1) for i in range(count)]
+
+
+def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def make_clip(frames: Sequence[np.ndarray], fps: int) -> bytes:
+    """An MP4 (FFmpeg's own MPEG-4 Part 2 encoder, in every PyAV wheel) of the frames at `fps`."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
