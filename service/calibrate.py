@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 
 
-def _photo_probabilities(weights: Path, photos: Path, device: str) -> tuple[np.ndarray, np.ndarray, float]:
+def _photo_probabilities(
+    weights: Path, photos: Path, device: str
+) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
     """The engine's probabilities for the largest face of every photo with a face, with labels,
-    and the temperature those probabilities were made with."""
+    the temperature those probabilities were made with, and the photos' whole-pipeline scores."""
     from service.engine.pipeline import Engine
     from service.photo_eval import evaluate_photos
     from service.settings import Settings
@@ -31,7 +33,13 @@ def _photo_probabilities(weights: Path, photos: Path, device: str) -> tuple[np.n
     with_face = [p for p in result.predictions if p["prediction"] is not None]
     probs = np.array([[p["scores"][name] for name in classes] for p in with_face], dtype=np.float64)
     labels = np.array([classes.index(p["label"]) for p in with_face], dtype=np.int64)
-    return probs, labels, float(engine.config.temperature)
+    scores = {
+        "photos_accuracy": result.report.accuracy,
+        "photos_macro_recall": result.macro_recall,
+        "photos_face_found_rate": result.face_found_rate,
+        "photos_per_class_recall": result.report.per_class_recall,
+    }
+    return probs, labels, float(engine.config.temperature), scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     curves = {"val, T=1": (before, data.labels), f"val, T={temperature:.2f}": (after, data.labels)}
     if args.photos is not None:
-        probs, labels, used_t = _photo_probabilities(weights, args.photos, str(device))
+        probs, labels, used_t, photo_scores = _photo_probabilities(weights, args.photos, str(device))
+        summary |= photo_scores
         # The engine's probabilities are softmax(logits / used_t): their logs are those logits
         # over used_t up to a constant per row, which the softmax ignores.
         photo_logits = np.log(np.clip(probs, 1e-12, None)) * used_t
