@@ -30,6 +30,7 @@ from service.client import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = "test-key-123456"
+SERVER_PROCESS: list[subprocess.Popen] = []
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def server(weights_path):
     else:
         process.kill()
         pytest.fail("server never became ready")
+    SERVER_PROCESS.append(process)
     yield base
     process.kill()
     process.wait(10)
@@ -203,3 +205,17 @@ def test_client_retries_after_the_servers_retry_after() -> None:
         assert error.value.status == 429 and error.value.retry_after_s == 1.0
     finally:
         httpd.shutdown()
+
+
+def test_sigterm_ends_open_streams_with_session_end_shutdown(server) -> None:
+    """Last in the module: it stops the server."""
+    import signal
+
+    with Client(server, api_key=KEY).stream() as session:
+        session.send(jpeg(frames_of(GROUP, 1)[0]))
+        assert isinstance(session.recv(timeout_s=120), FrameResult)
+        SERVER_PROCESS[0].send_signal(signal.SIGTERM)
+        messages = list(session)
+    assert isinstance(messages[-1], SessionEnd) and messages[-1].reason == "shutdown"
+    assert sorted(e.reason for e in messages[-1].events) == ["session_end"] * 3
+    assert SERVER_PROCESS[0].wait(60) == 0
