@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import time
@@ -502,13 +503,14 @@ class StreamSession:
     def __init__(self, url: str, api_key: str | None, open_timeout_s: float = 30.0) -> None:
         from websockets.sync.client import connect
 
-        self._ws = connect(
-            url, additional_headers=_headers(api_key), open_timeout=open_timeout_s, max_size=2**24
+        self._stack = contextlib.ExitStack()
+        self._ws = self._stack.enter_context(
+            connect(url, additional_headers=_headers(api_key), open_timeout=open_timeout_s, max_size=2**24)
         )
         first = self._recv_json(open_timeout_s)
         message = parse_stream_message(first)
         if isinstance(message, FrameError):
-            self._ws.close()
+            self._stack.close()
             raise FermamError(0, message.code, message.message)
         assert isinstance(message, SessionInfo)
         self.info = message
@@ -521,7 +523,7 @@ class StreamSession:
         self.close()
 
     def close(self) -> None:
-        self._ws.close()
+        self._stack.close()
 
     def send(self, frame: ImageInput, timestamp_ms: float | None = None) -> None:
         """One frame (bytes or a path); with `timestamp_ms`, the frame's own capture time."""
