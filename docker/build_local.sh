@@ -40,7 +40,7 @@ drain_s=10
 export DOCKER_BUILDKIT=1
 mkdir -p "$work"
 log() { printf '[build_local %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
-fail() { log "FAIL: $*"; exit 1; }
+fail() { log "FAIL: $*" >&2; exit 1; }  # stderr: also seen from inside $(...)
 
 dockerd_pid=
 cleanup() {
