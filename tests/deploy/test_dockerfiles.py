@@ -5,6 +5,7 @@ context, the runtime stages are what the deployment relies on (non-root, health 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,17 +35,22 @@ class Stage:
 
 
 def read_stages(path: Path) -> tuple[dict[str, str], list[Stage]]:
-    """Global ARG defaults and the stages, with ${ARG} in FROM lines resolved."""
+    """Global ARG defaults (with earlier ARGs in them resolved, as Docker does) and the stages,
+    with ${ARG} in FROM lines resolved to those public defaults."""
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
+
+    def resolve(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], text)
+
     for command in dockerfile_commands(path):
         if command.cmd == "FROM":
-            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], command.value[0])
+            base = resolve(command.value[0])
             name = command.value[2] if len(command.value) == 3 and command.value[1].upper() == "AS" else None
             stages.append(Stage(base, name))
         elif not stages and command.cmd == "ARG":
             name, _, default = command.value[0].partition("=")
-            global_args[name] = default
+            global_args[name] = resolve(default)
         elif stages:
             stages[-1].commands.append(command)
     return global_args, stages
@@ -124,8 +130,9 @@ def test_cuda_image_pins_cuda_torch_and_builds_the_kernel_for_ampere_ada_hopper(
 
 def test_cpu_image_uses_cpu_torch_on_python_slim() -> None:
     _, stages = read_stages(CPU_DOCKERFILE)
-    assert len(stages) == 1 and stages[0].base.startswith("python:3.11-slim")
-    args = stage_args(stages[0])
+    assert [stage.base for stage in stages[:-1]] == ["scratch"]  # the empty torch-wheels default
+    assert stages[-1].base.startswith("python:3.11-slim")
+    args = stage_args(stages[-1])
     assert args["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
 
@@ -164,3 +171,46 @@ def test_cuda_image_points_the_face_backend_at_the_weights_it_downloads() -> Non
     assert any(value[-1].endswith(f"fetch_face_weights.py {weights_dir}") for value in fetch.values("RUN"))
     assert any("--from=face-weights" in c.flags for c in stages[-1].commands if c.cmd == "COPY")
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("path", [CUDA_DOCKERFILE, CPU_DOCKERFILE], ids=lambda p: p.name)
+def test_builds_behind_a_proxy_with_public_defaults_unchanged(path) -> None:
+    """Base images, the torch wheel source and the CA bundle are build arguments (docker/build_local.sh
+    builds the CPU image with them where no registry is reachable); their defaults are the public
+    images and indexes, and the CA bundle is a secret mount, never an ARG, ENV or COPY."""
+    global_args, stages = read_stages(path)
+    assert global_args["TORCH_WHEELS"] == "scratch"
+    wheels = next(stage for stage in stages if stage.name == "torch-wheels")
+    assert wheels.base == "scratch" and not wheels.commands
+    bases = {"RUNTIME_BASE_IMAGE", "BUILD_BASE_IMAGE"} if path == CUDA_DOCKERFILE else {"BASE_IMAGE"}
+    assert bases <= set(global_args)
+    assert all(not global_args[name].startswith("fermam-local") for name in bases)
+    torch_runs = [
+        c
+        for stage in stages
+        for c in stage.commands
+        if c.cmd == "RUN" and "torch==${TORCH_VERSION}" in " ".join(c.value)
+    ]
+    (torch_run,) = torch_runs
+    assert "--mount=type=bind,from=torch-wheels,target=/tmp/torch-wheels" in torch_run.flags
+    assert "--find-links /tmp/torch-wheels" in " ".join(torch_run.value)
+    pip_runs = [
+        c for stage in stages for c in stage.commands if c.cmd == "RUN" and "pip install" in " ".join(c.value)
+    ]
+    for run in [torch_run, *pip_runs]:
+        assert "--mount=type=secret,id=ca_bundle,required=false" in run.flags, run.value
+    text = path.read_text()
+    assert "ca_bundle" not in " ".join(
+        " ".join(c.value)
+        for stage in stages
+        for c in stage.commands
+        if c.cmd in {"ARG", "ENV", "COPY", "ADD"}
+    )
+    assert "--network=none" in text  # what docker/build_local.sh strips for Docker < 23 only
+
+
+def test_build_local_script_parses_and_builds_with_those_arguments() -> None:
+    script = (REPO / "docker" / "build_local.sh").read_text()
+    for argument in ("BASE_IMAGE=", "TORCH_WHEELS=", "TORCH_INDEX=", "--secret id=ca_bundle,src="):
+        assert argument in script, argument
+    assert subprocess.run(["bash", "-n", REPO / "docker" / "build_local.sh"]).returncode == 0
