@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -71,3 +72,25 @@ def test_settings_runtimes_are_the_engines() -> None:
 
     field = Settings.model_fields["cpu_runtime"]
     assert set(field.annotation.__args__) == set(cpu_runtime.CPU_RUNTIMES)
+
+
+@pytest.mark.slow
+def test_engine_with_onnx_runtime_answers_as_the_torch_engine(engine_factory) -> None:
+    """The whole engine behind `cpu_runtime=onnx`: same faces, same expression, same scores."""
+    pytest.importorskip("onnxruntime")
+    photo = (
+        Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "photos" / "aflw-test.jpg"
+    ).read_bytes()
+    answers = []
+    for runtime in ("torch", "onnx"):
+        engine = engine_factory(cpu_runtime=runtime)
+        asyncio.run(engine.start())
+        try:
+            answers.append(asyncio.run(engine.infer([photo])).images[0].faces)
+        finally:
+            asyncio.run(engine.stop())
+    reference, fast = answers
+    assert len(reference) == len(fast) == 1
+    assert fast[0].expression == reference[0].expression
+    for name, score in reference[0].scores.items():
+        assert abs(fast[0].scores[name] - score) < MAX_PROB_DIFF
