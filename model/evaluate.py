@@ -21,7 +21,7 @@ from torch import nn
 
 from model.config import InputContract
 from model.data import SPEC_HELP, FaceArrays, load_dataset, to_model_input
-from model.device import resolve_device
+from model.device import resolve_device, resolve_dtype
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -242,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confusion", type=Path, metavar="PNG", help="write the confusion matrix here")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="compute dtype (autocast, as the service runs it); auto is the service's choice",
+    )
     return parser
 
 
@@ -261,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     data = load_dataset(args.data)
     model, _metadata = load_checkpoint(weights, map_location=device)
-    report = evaluate(model, data, batch_size=args.batch_size, device=device)
+    dtype = resolve_dtype(args.dtype, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        report = evaluate(model, data, batch_size=args.batch_size, device=device)
     png = None
     if args.confusion is not None:
         png = save_confusion_png(report, args.confusion)
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = report.to_dict() | {
             "weights": str(weights),
             "data": data.source,
+            "dtype": str(dtype).removeprefix("torch."),
             "confusion_png": None if png is None else str(png),
         }
         print(json.dumps(_json_safe(summary)))

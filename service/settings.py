@@ -52,7 +52,9 @@ class Settings(BaseSettings):
         "auto", description="Torch device for FERMam: auto (cuda if available), cpu, cuda or cuda:N."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="FERMam compute dtype (autocast): auto is bfloat16 on CUDA and float32 on CPU."
+        "auto",
+        description="FERMam compute dtype (autocast): auto is bfloat16 on CUDA and on CPUs with "
+        "native bf16 (AVX512-BF16 or AMX), float32 on other CPUs.",
     )
     weights: Path = Field(default_factory=_default_weights, description="FERMam safetensors checkpoint.")
     face_backend: Literal["dlib", "face-alignment"] = Field(
@@ -74,6 +76,11 @@ class Settings(BaseSettings):
         "(landmarks are fitted on the original), so detection cost is set here, not by the upload.",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default).")
+    cpu_runtime: Literal["torch", "torch-compile", "onnx", "openvino"] = Field(
+        "torch",
+        description="What runs FERMam on the CPU: torch (eager, the reference), torch-compile, onnx "
+        "(ONNX Runtime) or openvino; onnx/openvino need the cpu-runtimes extra. Ignored on CUDA.",
+    )
 
     # -- batching --------------------------------------------------------------------------------
     detect_max_batch_size: int = Field(8, ge=1, description="Stage 1 (faces): most images per batch.")

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import FERMamConfig
-from model.device import resolve_device
+from model.device import resolve_device, resolve_dtype
 from service.engine.admission import Admission
 from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import (
@@ -154,12 +154,6 @@ class _FaceQuery:
     deadline: float | None = None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -196,6 +190,8 @@ class Engine:
         # selective scan keep float32 where they need it.
         self.model = model.eval().to(device=self.device)
         self.config: FERMamConfig = model.config
+        self._sha256 = _sha256(weights)
+        self._run_model = self._classifier(settings)
         self.class_names: tuple[str, ...] = tuple(self.config.class_names)
         face_device = "cpu" if settings.face_backend == "dlib" else str(self.device)
         self.face_backend = face_backend or create_face_backend(
@@ -215,7 +211,7 @@ class Engine:
             mean=tuple(self.config.contract.mean),
             std=tuple(self.config.contract.std),
             parameters=sum(p.numel() for p in self.model.parameters()),
-            sha256=_sha256(weights),
+            sha256=self._sha256,
             weights_path=str(weights),
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
@@ -527,12 +523,30 @@ class Engine:
     def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
         return run_detect_batch(self.face_backend, queries, self.settings.detect_max_side)
 
+    def _classifier(self, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The CPU runtime's classifier (service/engine/cpu_runtime.py); None: plain PyTorch."""
+        if self.device.type != "cpu" or settings.cpu_runtime == "torch":
+            return None
+        from service.engine.cpu_runtime import build_classifier
+
+        return build_classifier(
+            self.model,
+            settings.cpu_runtime,
+            input_size=self.config.contract.input_size,
+            dtype=self.dtype,
+            threads=settings.torch_threads,
+            cache_key=self._sha256,
+        )
+
     @torch.inference_mode()
     def _classify_batch(self, crops: list[torch.Tensor]) -> list[np.ndarray]:
         batch = torch.stack(crops).to(device=self.device, non_blocking=True)  # (B, 3, S, S)
-        narrow = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=narrow):
-            logits = self.model(batch)  # (B, classes)
+        if self._run_model is not None:
+            logits = self._run_model(batch)
+        else:
+            narrow = self.dtype != torch.float32
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=narrow):
+                logits = self.model(batch)  # (B, classes)
         # Calibrated: the checkpoint's fitted temperature (model.calibration) sets the confidence.
         probs = torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu().numpy()
         return list(probs)

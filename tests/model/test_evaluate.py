@@ -21,6 +21,7 @@ VAL_NPZ = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ferp
 JSON_KEYS = {
     "accuracy", "macro_f1", "per_class_recall", "per_class_precision", "per_class_f1", "support",
     "accuracy_dedup", "n", "n_dedup", "confusion", "classes", "weights", "data", "confusion_png",
+    "dtype",
 }  # fmt: skip
 
 # Ten rows, three classes. Confusion (rows true, columns predicted): [[2,1,1],[1,2,0],[0,0,3]].
@@ -138,6 +139,7 @@ def test_fermam_eval_end_to_end_json_and_png(tmp_path: Path, capsys: pytest.Capt
     assert fermam([*argv, "--confusion", str(png), "--device", "cpu", "--batch-size", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == JSON_KEYS
+    assert result["dtype"] == "float32"  # the default: eval scores in float32 unless asked
     assert result["n"] == 8 and result["n_dedup"] == 8 - n_dup
     assert result["classes"] == list(FERPLUS_CLASSES)
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["macro_f1"] <= 1.0
