@@ -15,11 +15,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.evaluate import EvalReport, compute_report, format_report, save_confusion_png
+if TYPE_CHECKING:  # model.evaluate imports torch: loaded when a score is computed, not for --help
+    from model.evaluate import EvalReport
 
 NO_FACE = -1  # prediction index of a photo where no face was found
 
@@ -88,6 +89,8 @@ def evaluate_photos(
     engine: Any, folder: Path, *, limit: int | None = None, concurrency: int = 4
 ) -> PhotoReport:
     """Run every labelled photo of `folder` through `engine` (an unstarted `Engine`) and score it."""
+    from model.evaluate import EvalReport, compute_report
+
     rows = read_manifest(folder)[:limit]
     classes = tuple(engine.class_names)
     unknown = sorted({label for _, label in rows} - set(classes))
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.photos / "manifest.csv").is_file():
         print(f"fermam eval: no manifest.csv in {args.photos}", file=sys.stderr)
         return 1
+    from model.evaluate import format_report, save_confusion_png
     from service.engine.pipeline import Engine
     from service.settings import Settings
 

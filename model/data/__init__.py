@@ -1,4 +1,10 @@
-"""Dataset readers (all returning `FaceArrays`) and the shared crop-to-tensor transform."""
+"""Dataset readers (all returning `FaceArrays`) and the shared crop-to-tensor transform.
+
+The transform (torch) is imported on first use, so commands that only need the readers or
+`SPEC_HELP` (e.g. `fermam eval --help`) start without loading torch.
+"""
+
+from typing import Any
 
 from model.data.affectnet import load_affectnet
 from model.data.arrays import FaceArrays
@@ -12,7 +18,6 @@ from model.data.ferplus import (
 from model.data.npz import load_npz, save_npz
 from model.data.rafdb import load_rafdb
 from model.data.spec import SPEC_HELP, load_dataset, parse_spec
-from model.data.transforms import to_model_input
 
 __all__ = [
     "FER2013_CLASSES",
@@ -30,3 +35,11 @@ __all__ = [
     "to_model_input",
     "vote_distribution",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "to_model_input":
+        from model.data.transforms import to_model_input
+
+        return to_model_input
+    raise AttributeError(f"module 'model.data' has no attribute {name!r}")

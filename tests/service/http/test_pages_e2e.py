@@ -81,7 +81,9 @@ def test_serve_on_a_busy_port_exits_2_before_loading_the_models(weights_path) ->
     assert time.monotonic() - started < 5  # loading the models alone takes longer on this machine
 
 
-@pytest.mark.parametrize("command", ["serve", "predict", "pseudo-landmarks", "complexity"])
+@pytest.mark.parametrize(
+    "command", ["serve", "predict", "pseudo-landmarks", "complexity", "eval", "calibrate"]
+)
 def test_help_of_a_command_does_not_import_torch(command) -> None:
     probe = (
         "import sys\nfrom service.cli import main\n"
