@@ -34,7 +34,7 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
         return loss
 
     optimiser.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

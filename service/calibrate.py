@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "ece_before": expected_calibration_error(before, data.labels),
         "ece_after": expected_calibration_error(after, data.labels),
     }
+    print(json.dumps(summary), file=sys.stderr, flush=True)  # the fit's figures before the slower photo pass
     curves = {"val, T=1": (before, data.labels), f"val, T={temperature:.2f}": (after, data.labels)}
     if args.photos is not None:
         probs, labels, used_t, photo_scores = _photo_probabilities(weights, args.photos, str(device))
