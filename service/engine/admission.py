@@ -64,13 +64,14 @@ class Admission:
         own = images * (detect_s + classify_s)
         return SAFETY * ahead, SAFETY * own
 
-    def admit(self, images: int, deadline: float | None) -> None:
+    def admit(self, images: int, deadline: float | None, *, check: bool = True) -> None:
         """Count the request in, or raise `Overloaded` if the work ahead keeps it from finishing
         before `deadline`, or would hold it longer than `max_wait_s`. A deadline too short even
         for an idle server is not an overload: such a request is admitted and fails with
-        DeadlineExceeded (504), as retrying would not help."""
+        DeadlineExceeded (504), as retrying would not help. `check=False` counts work in
+        without judging it (the later frames of a video already accepted)."""
         with self._lock:
-            if self.enabled:
+            if self.enabled and check:
                 ahead, own = self.estimate_s(images)
                 remaining = float("inf") if deadline is None else deadline - time.monotonic()
                 if ahead + own > remaining and own <= remaining:

@@ -334,7 +334,12 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     async def infer(
-        self, images: Sequence[bytes], options: RequestOptions | None = None, deadline: float | None = None
+        self,
+        images: Sequence[bytes],
+        options: RequestOptions | None = None,
+        deadline: float | None = None,
+        *,
+        shed: bool = True,
     ) -> InferenceResult:
         """Faces and expressions of every image, in order.
 
@@ -343,7 +348,9 @@ class Engine:
         errors, with the image index), `InvalidRequest`, `QueueFull`, `NotReady`.
 
         A failed request is counted here, once, in `fermam_rejections_total` (a client that goes
-        away is counted by the HTTP layer, which cancels this call).
+        away is counted by the HTTP layer, which cancels this call). `shed=False` skips the
+        overload check, for work that belongs to a request already admitted (a video's frames,
+        whose own window bounds them); the deadline still applies.
         """
         options = options or RequestOptions()
         if not self.ready or self._pool is None:
@@ -351,7 +358,7 @@ class Engine:
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
         try:
-            self.admission.admit(len(images), deadline)
+            self.admission.admit(len(images), deadline, check=shed)
         except QueueFull:
             self.metrics.reject("overloaded")
             raise

@@ -180,7 +180,10 @@ async def analyse_video(
                 if item is None:
                     break
                 t, data = item
-                pending.append((t, asyncio.ensure_future(engine.infer([data], options.request, deadline))))
+                # The first frame is judged by admission control like any request; the rest
+                # belong to a video already accepted, so its own frames cannot shed it.
+                request = engine.infer([data], options.request, deadline, shed=not pending and not done)
+                pending.append((t, asyncio.ensure_future(request)))
             if not pending:
                 break
             t, task = pending.pop(0)
