@@ -17,7 +17,7 @@ from service.engine.video import VideoOptions, VideoResult, analyse_video
 from service.http import schemas
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep, require_api_key
 from service.http.errors import ApiError, to_api_error
-from service.http.routes import _deadline, _invalid
+from service.http.routes import _check_form_booleans, _deadline, _invalid
 
 router = APIRouter()
 
@@ -180,6 +180,7 @@ _VIDEO_BODY = {
 _VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
     for status, text in {
+        400: "Malformed multipart body.",
         401: "Missing or invalid API key.",
         413: "The file exceeds --video-max-bytes or the video --video-max-duration-s.",
         415: "Not a readable video.",
@@ -223,6 +224,7 @@ async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoR
                 fields[key] = value
         if upload is None:
             raise ApiError(422, "invalid_request", "no video: add a 'file' part")
+        _check_form_booleans(fields, VideoForm)
         try:
             form_options = VideoForm.model_validate(fields)
         except ValidationError as error:

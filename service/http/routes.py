@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -220,6 +220,7 @@ async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes],
                 raise ApiError(413, "too_many_files", f"at most {settings.max_files} images per request")
     finally:
         await form.close()
+    _check_form_booleans(fields, schemas.ExpressionOptions)
     try:
         options = schemas.ExpressionOptions.model_validate(fields)
     except ValidationError as error:
@@ -227,6 +228,15 @@ async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes],
     if not files:
         raise ApiError(422, "invalid_request", "no images: add one or more 'files' parts")
     return files, _options(options)
+
+
+def _check_form_booleans(fields: dict[str, str], model: type[BaseModel]) -> None:
+    """Form booleans are the words true / false, as the OpenAPI document says: pydantic's lax
+    parsing would also take 0, 1, yes, off ..., which clients then rely on."""
+    for name, value in fields.items():
+        info = model.model_fields.get(name)
+        if info is not None and info.annotation is bool and value.strip().lower() not in {"true", "false"}:
+            raise ApiError(422, "invalid_request", f"{name}: must be true or false, got {value!r}")
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int, index: int) -> bytes:

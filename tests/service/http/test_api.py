@@ -332,3 +332,12 @@ def test_a_bug_gives_a_logged_500_and_a_dead_stage_worker_turns_readiness_off(en
         engine._classify.close(drain_timeout_s=0)
         assert_error(client.get("/readyz"), 503, "not_ready")
         assert_error(post_files(client, ("grass.jpg", photo(NO_FACE))), 503, "not_ready")
+
+
+@pytest.mark.parametrize("value", ["0", "1", "yes", "off", ""])
+def test_form_booleans_are_the_words_true_or_false(client, value: str) -> None:
+    response = post_files(client, ("grass.jpg", photo(NO_FACE)), data={"return_landmarks": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    ok = post_files(client, ("grass.jpg", photo(NO_FACE)), data={"return_landmarks": "False"})
+    assert ok.status_code == 200, ok.text
