@@ -6,7 +6,6 @@ import asyncio
 import http.server
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from media_clips import GROUP, NO_FACE, frames_of, jpeg, make_clip  # noqa: E402
-from test_serve_e2e import free_port  # noqa: E402
+from server_process import start_server  # noqa: E402
 
 from service.client import (  # noqa: E402
     AsyncClient,
@@ -35,28 +34,9 @@ SERVER_PROCESS: list[subprocess.Popen] = []
 
 @pytest.fixture(scope="module")
 def server(weights_path):
-    port = free_port()
-    command = [
-        sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--weights", str(weights_path),
-        "--device", "cpu", "--log-level", "warning", "--api-keys", KEY,
-        "--video-max-duration-s", "5", "--stream-queue-frames", "2",
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}: {process.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server never became ready")
+    base, process = start_server(
+        weights_path, "--api-keys", KEY, "--video-max-duration-s", "5", "--stream-queue-frames", "2"
+    )
     SERVER_PROCESS.append(process)
     yield base
     process.kill()
