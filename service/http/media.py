@@ -17,7 +17,7 @@ from service.engine.video import VideoOptions, VideoResult, analyse_video
 from service.http import schemas
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep, require_api_key
 from service.http.errors import ApiError, to_api_error
-from service.http.routes import _check_form_booleans, _deadline, _invalid
+from service.http.routes import _check_form_booleans, _deadline, _invalid, face_fields
 
 router = APIRouter()
 
@@ -259,20 +259,11 @@ def _video_response(info: Any, result: VideoResult) -> VideoResponse:
         timeline = []
         for point in track.points:
             face = point.face
-            x, y, w, h = face.box
             timeline.append(
                 TimelinePoint(
                     t=point.time_s,
                     frame=point.frame_index,
-                    box=schemas.Box(x=x, y=y, width=w, height=h, score=face.score),
-                    landmarks=None
-                    if face.landmarks is None
-                    else [(float(a), float(b)) for a, b in face.landmarks],
-                    expression=face.expression,
-                    scores=face.scores,
-                    top=None
-                    if face.top is None
-                    else [schemas.LabelScore(label=k, score=v) for k, v in face.top],
+                    **face_fields(face),
                     smoothed=point.smoothed,
                 )
             )

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from service.engine.pipeline import Engine, InferenceResult, RequestOptions
+from service.engine.pipeline import Engine, FaceResult, InferenceResult, RequestOptions
 from service.http import schemas
 from service.http.body import parse_multipart
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep
@@ -305,6 +305,18 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+def face_fields(face: FaceResult) -> dict[str, Any]:
+    """The per-face fields every answer shares (photos, video timelines): box, landmarks, scores."""
+    x, y, w, h = face.box
+    return {
+        "box": schemas.Box(x=x, y=y, width=w, height=h, score=face.score),
+        "landmarks": None if face.landmarks is None else [(float(a), float(b)) for a, b in face.landmarks],
+        "expression": face.expression,
+        "scores": face.scores,
+        "top": None if face.top is None else [schemas.LabelScore(label=k, score=v) for k, v in face.top],
+    }
+
+
 def _to_response(engine: Engine, result: InferenceResult) -> schemas.ExpressionResponse:
     info = engine.info
     t = result.timings
@@ -312,18 +324,9 @@ def _to_response(engine: Engine, result: InferenceResult) -> schemas.ExpressionR
     for image in result.images:
         faces = []
         for face in image.faces:
-            x, y, w, h = face.box
             faces.append(
                 schemas.Face(
-                    box=schemas.Box(x=x, y=y, width=w, height=h, score=face.score),
-                    landmarks=None
-                    if face.landmarks is None
-                    else [(float(px), float(py)) for px, py in face.landmarks],
-                    expression=face.expression,
-                    scores=face.scores,
-                    top=None
-                    if face.top is None
-                    else [schemas.LabelScore(label=k, score=v) for k, v in face.top],
+                    **face_fields(face),
                     pose=None if face.pose is None else schemas.Pose(**vars(face.pose)),
                     quality=None if face.quality is None else schemas.Quality(**vars(face.quality)),
                 )
