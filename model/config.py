@@ -81,12 +81,27 @@ class InputContract:
     colour_mode: Literal["rgb", "gray"] = "gray"
     # 68 (x, y) positions as fractions of the crop side; alignment maps five_points() onto these.
     template: tuple[tuple[float, float], ...] = PROVISIONAL_TEMPLATE_68
+    # Alignment scales the template about the crop centre by this factor (> 1: the face fills
+    # more of the crop). The template is measured on training faces; the scale that frames real
+    # photos like them is measured on photos (docs/model-card.md). 1.0: the template as measured.
+    template_scale: float = 1.0
+    # What fills the parts of a crop that lie outside the photo: "zeros" (black, what older
+    # checkpoints were served with) or "border" (the photo's edge pixels repeated). Training
+    # faces never have black corners; a tilted or tightly cropped photo's warp does.
+    padding: Literal["zeros", "border"] = "zeros"
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.template_scale <= 2.0:
+            raise ValueError(f"template_scale must be in [0.5, 2], got {self.template_scale}")
+        if self.padding not in ("zeros", "border"):
+            raise ValueError(f"padding must be 'zeros' or 'border', got {self.padding!r}")
 
     def template_pixels(self) -> Any:
-        """The 68-point template in crop pixels, shape (68, 2)."""
+        """The 68-point template in crop pixels, scaled by `template_scale`, shape (68, 2)."""
         import numpy as np
 
-        return np.asarray(self.template, dtype=np.float64) * self.input_size
+        template = (np.asarray(self.template, dtype=np.float64) - 0.5) * self.template_scale + 0.5
+        return template * self.input_size
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run the HTTP service"),
     "predict": ("service.predict", "faces and expressions of photos, locally; --annotate draws them"),
-    "train": ("model.train", "train FERMam (or its landmark branch)"),
+    "train": ("model.train_cli", "train FERMam (or its landmark branch)"),
     "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
     "calibrate": ("service.calibrate", "fit the score temperature and report calibration error"),
+    "contract": ("model.contract_edit", "show a checkpoint's input contract, or write it changed"),
     "complexity": ("model.complexity", "parameters and MACs per module"),
     "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
 }

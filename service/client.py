@@ -60,6 +60,24 @@ class Box:
 
 
 @dataclass(frozen=True)
+class Pose:
+    """Head pose in degrees (docs/face-quality.md says how far to trust it)."""
+
+    yaw: float
+    pitch: float
+    roll: float
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Sharpness and brightness (0..1) and face size (pixels): ignore faces you should not trust."""
+
+    sharpness: float
+    brightness: float
+    size: float
+
+
+@dataclass(frozen=True)
 class Face:
     box: Box
     expression: str
@@ -67,9 +85,13 @@ class Face:
     landmarks: list[tuple[float, float]] | None
     top: list[tuple[str, float]] | None
     raw: dict[str, Any] = field(repr=False)
+    # None when the server left them out (the request asked for no pose / quality).
+    pose: Pose | None = None
+    quality: Quality | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Face:
+        pose, quality = data.get("pose"), data.get("quality")
         return cls(
             box=Box(**data["box"]),
             expression=data["expression"],
@@ -77,6 +99,8 @@ class Face:
             landmarks=None if data.get("landmarks") is None else [tuple(p) for p in data["landmarks"]],
             top=None if data.get("top") is None else [(t["label"], t["score"]) for t in data["top"]],
             raw=dict(data),
+            pose=None if pose is None else Pose(**pose),
+            quality=None if quality is None else Quality(**quality),
         )
 
 

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="Faces are searched on a copy of each image downscaled to this longest side "
         "(landmarks are fitted on the original), so detection cost is set here, not by the upload.",
     )
+    detect_retry_margin: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="A photo with no face found is searched again inside a grey margin of this "
+        "fraction of its longest side (faces that fill or are cut by the frame); 0 turns it off.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default).")
     cpu_runtime: Literal["torch", "torch-compile", "onnx", "openvino"] = Field(
         "torch",

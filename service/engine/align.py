@@ -73,7 +73,7 @@ def align_faces(
     contract: InputContract,
     *,
     device: torch.device | str = "cpu",
-    padding: Padding = "zeros",
+    padding: Padding | None = None,
     matrices: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Warp every face to the template crop in one grid_sample call: (F, 3, S, S) float32.
@@ -81,10 +81,12 @@ def align_faces(
     `faces` holds (index into `images`, (68, 2) landmarks) pairs; `images` are HxWx3 uint8 RGB.
     The result is normalised per the contract (colour mode, mean, std) and lives on `device`.
     Parts of a crop that fall outside its image are black ("zeros") or repeat the edge
-    ("border"); such faces are padded, never dropped. Pass `matrices` (from
+    ("border"), as the contract says unless `padding` overrides it; such faces are padded,
+    never dropped. Pass `matrices` (from
     `alignment_matrices`) to reuse ones already computed.
     """
     size = contract.input_size
+    padding = contract.padding if padding is None else padding
     if not faces:
         return torch.zeros((0, 3, size, size), dtype=torch.float32, device=device)
     image_indices = [int(i) for i, _ in faces]

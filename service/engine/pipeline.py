@@ -528,7 +528,9 @@ class Engine:
     # -- batch functions (run on the batchers' worker threads) ----------------------------------
 
     def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
-        return run_detect_batch(self.face_backend, queries, self.settings.detect_max_side)
+        return run_detect_batch(
+            self.face_backend, queries, self.settings.detect_max_side, self.settings.detect_retry_margin
+        )
 
     def _classifier(self, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The CPU runtime's classifier (service/engine/cpu_runtime.py); None: plain PyTorch."""

@@ -33,7 +33,10 @@ class ExpressionJSONRequest(ExpressionOptions):
 
 
 class Box(BaseModel):
-    x: float = Field(description="Left edge, pixels of the upright image.")
+    x: float = Field(
+        description="Left edge, pixels of the upright image; a face cut by the photo's edge may have "
+        "a box that extends past it (negative x or y, or beyond the width or height)."
+    )
     y: float = Field(description="Top edge, pixels.")
     width: float
     height: float

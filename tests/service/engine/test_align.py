@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,6 +128,10 @@ def test_faces_partly_outside_the_image_are_padded_not_dropped(dlib_backend):
     assert torch.isclose(zeros[0, :, :, :20], torch.tensor(black)).float().mean() > 0.95
     assert not torch.isclose(border[0, :, :, :20], torch.tensor(black)).all()
     torch.testing.assert_close(zeros[0, :, :, 80:], border[0, :, :, 80:])
+    # Without an override the contract says what fills the corners (it travels with the weights).
+    from_contract = align_faces([image], [(0, shifted)], replace(CONTRACT, padding="border"))
+    torch.testing.assert_close(from_contract, border)
+    torch.testing.assert_close(align_faces([image], [(0, shifted)], CONTRACT), zeros)
 
 
 def test_one_batched_warp_matches_warping_each_face_alone_across_images_of_different_sizes(dlib_backend):

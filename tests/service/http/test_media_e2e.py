@@ -139,6 +139,10 @@ def test_client_posts_photos_as_multipart_and_base64_with_typed_results(server) 
             (image,) = result.images
             assert len(image.faces) == 3 and image.faces[0].landmarks is None
             assert image.faces[0].top[0][0] == image.faces[0].expression
+            face = image.faces[0]  # pose and quality are typed, equal to the server's JSON
+            assert face.pose is not None and face.quality is not None
+            assert vars(face.pose) == face.raw["pose"] and vars(face.quality) == face.raw["quality"]
+            assert -90 <= face.pose.yaw <= 90 and 0 <= face.quality.sharpness <= 1
         with pytest.raises(FermamError) as bad:
             client.expressions([b"not an image"])
         assert (bad.value.status, bad.value.code) == (415, "not_an_image")

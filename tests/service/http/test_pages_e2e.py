@@ -13,6 +13,8 @@ import httpx
 import pytest
 from live_server import REPO, live_server
 
+from service.cli import COMMANDS
+
 SAMPLE = REPO / "samples" / "grace_hopper.jpg"
 # src/href attributes and url(...) references that leave the server.
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//""", re.I)
@@ -81,9 +83,7 @@ def test_serve_on_a_busy_port_exits_2_before_loading_the_models(weights_path) ->
     assert time.monotonic() - started < 5  # loading the models alone takes longer on this machine
 
 
-@pytest.mark.parametrize(
-    "command", ["serve", "predict", "pseudo-landmarks", "complexity", "eval", "calibrate"]
-)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_of_a_command_does_not_import_torch(command) -> None:
     probe = (
         "import sys\nfrom service.cli import main\n"
