@@ -64,6 +64,17 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float((r["count"] * np.abs(r["accuracy"] - r["confidence"])).sum() / max(total, 1))
 
 
+def accuracy_near(
+    probs: np.ndarray, labels: np.ndarray, score: float, width: float = 0.05
+) -> dict[str, float]:
+    """How often the top class is right when its score is within `width` of `score`: what a
+    score means to a user ("of the faces scored 0.9, how many were right")."""
+    confidence = probs.max(axis=1)
+    near = np.abs(confidence - score) <= width
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    return {"faces": int(near.sum()), "accuracy": float(correct[near].mean()) if near.any() else float("nan")}
+
+
 def save_reliability_png(
     curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, bins: int = ECE_BINS
 ) -> Path:

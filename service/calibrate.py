@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.calibration import (
+        accuracy_near,
         expected_calibration_error,
         fit_temperature,
         save_reliability_png,
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": float((logits.argmax(1) == data.labels).mean()),
         "ece_before": expected_calibration_error(before, data.labels),
         "ece_after": expected_calibration_error(after, data.labels),
+        "accuracy_at_score_0.9_after": accuracy_near(after, data.labels, 0.9),
     }
     print(json.dumps(summary), file=sys.stderr, flush=True)  # the fit's figures before the slower photo pass
     curves = {"val, T=1": (before, data.labels), f"val, T={temperature:.2f}": (after, data.labels)}
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "photos_with_face": len(labels),
             "photos_ece_before": expected_calibration_error(photos_before, labels),
             "photos_ece_after": expected_calibration_error(photos_after, labels),
+            "photos_accuracy_at_score_0.9_after": accuracy_near(photos_after, labels, 0.9),
         }
         curves |= {
             "photos, T=1": (photos_before, labels),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.calibration import expected_calibration_error, fit_temperature, reliability, softmax_t
+from model.calibration import (
+    accuracy_near,
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+    softmax_t,
+)
 from model.config import FERMamConfig
 
 
@@ -41,3 +47,10 @@ def test_temperature_travels_in_the_config_json_and_defaults_to_one() -> None:
     old = config.to_dict()
     del old["temperature"]  # a checkpoint written before calibration existed
     assert FERMamConfig.from_dict(old).temperature == 1.0
+
+
+def test_accuracy_near_a_score_counts_only_faces_scored_close_to_it() -> None:
+    probs = np.array([[0.9, 0.1], [0.88, 0.12], [0.2, 0.8], [0.5, 0.5]])
+    labels = np.array([0, 1, 1, 0])
+    assert accuracy_near(probs, labels, 0.9) == {"faces": 2, "accuracy": 0.5}
+    assert accuracy_near(probs, labels, 0.8, width=0.01) == {"faces": 1, "accuracy": 1.0}
