@@ -168,12 +168,13 @@ def test_fermam_eval_defaults_to_the_shipped_model(
 
 @pytest.mark.slow
 def test_shipped_model_keeps_its_accuracy_on_real_validation_faces() -> None:
-    """Guards the shipped file and the eval preprocessing together: the first 400 FER+ validation
-    faces, where version ferplus-2026.11.27.1 scored 0.8375 (the whole split: 0.835). A wrong or
-    corrupted weights file, or preprocessing out of step with training, falls far below."""
+    """Guards the shipped file and the eval preprocessing together: the first 200 FER+ validation
+    faces, where the shipped tensors score 0.850 (the whole split: 0.835; 200 faces take ~50 s
+    on the 2-core CPU). A wrong or corrupted weights file, or preprocessing out of step with
+    training, falls far below."""
     from model.checkpoint import load_checkpoint
     from model.weights import default_weights_path
 
     model, _ = load_checkpoint(default_weights_path())
-    report = evaluate(model, load_npz(VAL_NPZ).subset(slice(0, 400)), device="cpu")
-    assert report.n == 400 and report.accuracy >= 0.80
+    report = evaluate(model, load_npz(VAL_NPZ).subset(slice(0, 200)), device="cpu")
+    assert report.n == 200 and report.accuracy >= 0.80
