@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import DeadlineExceeded
+from service.engine.decode import decode_image
 from service.engine.pipeline import Engine, ImageRejected, InvalidRequest, RequestOptions
 
 PHOTOS = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "photos"
@@ -195,6 +198,33 @@ def test_scores_are_softmax_of_logits_over_the_checkpoints_temperature(
     expected = np.sqrt(p) / np.sqrt(p).sum()  # softmax(z / 2T) from softmax(z / T)
     assert np.allclose(list(hot.scores.values()), expected, atol=2e-3)
     assert hot.expression == base.expression
+
+
+PHOTO_NAMES = ["aflw-test.jpg", "2008_001322.jpg", "astronaut.png"]
+
+
+def test_the_channels_last_engine_gives_the_contiguous_models_scores(engine) -> None:
+    """The engine's eager path runs channels-last (a speed-up); the plain contiguous model is
+    the reference it is held to, on real aligned faces of several sizes of batch."""
+    from model.checkpoint import load_checkpoint
+
+    reference, _ = load_checkpoint(engine.settings.weights, map_location="cpu")
+    reference.eval()
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in engine.model.parameters()
+    ), "the engine's model should be channels-last"
+    images = [decode_image(photo(n), max_bytes=10**8, max_pixels=10**8).pixels for n in PHOTO_NAMES]
+    found = engine.face_backend.detect(images)
+    pairs = [(i, faces[0].landmarks) for i, faces in enumerate(found) if faces]
+    assert len(pairs) == len(PHOTO_NAMES)
+    crops = align_faces_bounded(images, pairs, engine.config.contract)
+    for count in (1, len(crops)):
+        fast = np.stack(engine._classify_batch(list(crops[:count])))
+        with torch.inference_mode():
+            logits = reference(crops[:count])
+        expected = torch.softmax(logits / engine.config.temperature, -1).numpy()
+        np.testing.assert_allclose(fast, expected, atol=1e-5)
 
 
 def test_every_face_carries_pose_and_quality(engine) -> None:
