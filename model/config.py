@@ -70,6 +70,10 @@ def five_points(landmarks68: Any) -> Any:
     )
 
 
+# What fills the parts of an aligned crop that lie outside the photo (InputContract.padding).
+Padding = Literal["zeros", "border"]
+
+
 @dataclass(frozen=True)
 class InputContract:
     """What a face crop must look like before it enters the network."""
@@ -88,7 +92,7 @@ class InputContract:
     # What fills the parts of a crop that lie outside the photo: "zeros" (black, what older
     # checkpoints were served with) or "border" (the photo's edge pixels repeated). Training
     # faces never have black corners; a tilted or tightly cropped photo's warp does.
-    padding: Literal["zeros", "border"] = "zeros"
+    padding: Padding = "zeros"
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.template_scale <= 2.0:

@@ -8,16 +8,13 @@ fractions of the crop side, is scaled by the crop side into the same convention.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import InputContract, five_points
+from model.config import InputContract, Padding, five_points
 from model.data.transforms import luminance, normalise
-
-Padding = Literal["zeros", "border"]
 
 
 def estimate_similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
@@ -82,8 +79,7 @@ def align_faces(
     The result is normalised per the contract (colour mode, mean, std) and lives on `device`.
     Parts of a crop that fall outside its image are black ("zeros") or repeat the edge
     ("border"), as the contract says unless `padding` overrides it; such faces are padded,
-    never dropped. Pass `matrices` (from
-    `alignment_matrices`) to reuse ones already computed.
+    never dropped. Pass `matrices` (from `alignment_matrices`) to reuse ones already computed.
     """
     size = contract.input_size
     padding = contract.padding if padding is None else padding

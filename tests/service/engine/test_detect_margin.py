@@ -55,7 +55,15 @@ def test_the_margin_retry_finds_tightly_cropped_faces_with_accurate_landmarks(dl
 
 
 def test_the_retry_maps_a_downscaled_search_back_to_original_pixels(dlib_backend, annotations):
-    crop, truth = max(tight_crops(annotations), key=lambda pair: pair[0].shape[0])
-    big = np.repeat(np.repeat(crop, 4, axis=0), 4, axis=1)  # searched at 160 px, refitted at full size
-    (face, *_) = detect_bounded(dlib_backend, [big], [0], 160, retry_margin=0.15)[0]
-    assert normalised_landmark_error(face.landmarks, 4 * truth + 1.5) <= 0.06
+    """Crops upscaled 4x and searched at 160 px: those only the retry finds (2 of 14 measured)
+    come back with landmarks in the pixels of the upscaled crop."""
+    checked = 0
+    for crop, truth in tight_crops(annotations):
+        big = np.repeat(np.repeat(crop, 4, axis=0), 4, axis=1)
+        if detect_bounded(dlib_backend, [big], [0], 160)[0]:
+            continue  # found without the margin: not what this test is about
+        retried = detect_bounded(dlib_backend, [big], [0], 160, retry_margin=0.15)[0]
+        if retried:
+            checked += 1
+            assert normalised_landmark_error(retried[0].landmarks, 4 * truth + 1.5) <= 0.06
+    assert checked >= 1
