@@ -1,7 +1,9 @@
 """FERMam's CPU runtimes side by side, in one interleaved run, held to the same accuracy limits.
 
 Variants: eager fp32 (the reference), eager channels-last, eager bf16 autocast, torch.compile,
-ONNX Runtime, OpenVINO, and ONNX Runtime's int8 (dynamic quantisation of the exported graph).
+ONNX Runtime, OpenVINO, ONNX Runtime's int8 (dynamic quantisation of the exported graph) and
+OpenVINO int8 (NNCF post-training quantisation, the engine's `openvino-int8`: the file of --int8,
+made with `fermam quantize` from 300 FER+ train faces when it is absent).
 Speed: rounds of every variant in turn (A B C ... A B C ...), so a noisy shared machine slows all
 of them alike; the median of the rounds is reported. Accuracy: the first --faces FER+ val faces
 through every variant: accuracy, top-1 agreement with the reference and the largest probability
@@ -35,13 +37,21 @@ from model.weights import default_weights_path  # noqa: E402
 from service.engine import cpu_runtime as rt  # noqa: E402
 
 VAL = REPO / ".." / "shared" / "data" / "ferplus" / "val.npz"
-ALL = "eager,channels-last,bf16,compile,onnx,openvino,onnx-int8"
+TRAIN = REPO / ".." / "shared" / "data" / "ferplus" / "train.npz"
+ALL = "eager,channels-last,bf16,compile,onnx,openvino,onnx-int8,openvino-int8"
 
 
 def build(
-    name: str, model: torch.nn.Module, onnx_path: Path, threads: int
+    name: str, model: torch.nn.Module, onnx_path: Path, threads: int, int8_path: Path
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     size = model.config.contract.input_size
+    if name == "openvino-int8":
+        from service import quantize
+
+        if not int8_path.is_file():
+            quantize.main(["--data", str(TRAIN), "--out", str(int8_path)])
+        sha = quantize._sha256(default_weights_path())
+        return rt.openvino_file_classifier(rt.read_int8_model(int8_path, sha), threads)
     if name == "eager":
         return rt.torch_classifier(model)
     if name == "bf16":
@@ -81,6 +91,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-accuracy-drop", type=float, default=0.3, help="points")
     parser.add_argument("--onnx", type=Path, default=Path("/tmp/fermam-bench.onnx"), help="export cache")
+    parser.add_argument(
+        "--int8", type=Path, default=Path("/tmp/fermam-bench.int8.xml"), help="int8 file (made if absent)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -101,7 +114,7 @@ def main() -> int:
     for name in args.variants.split(","):
         started = time.perf_counter()
         try:
-            variants[name] = build(name, model, args.onnx, args.threads)
+            variants[name] = build(name, model, args.onnx, args.threads, args.int8)
             variants[name](faces[: args.batch])  # first call: compiles / allocates
         except Exception as error:  # a runtime that cannot take the network is a result, not a crash
             print(f"{name}: FAILED to build: {type(error).__name__}: {str(error)[:300]}", flush=True)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
     "calibrate": ("service.calibrate", "fit the score temperature and report calibration error"),
     "contract": ("model.contract_edit", "show a checkpoint's input contract, or write it changed"),
+    "quantize": ("service.quantize", "write an int8 OpenVINO file of a checkpoint (openvino-int8)"),
     "complexity": ("model.complexity", "parameters and MACs per module"),
     "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
 }

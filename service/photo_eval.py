@@ -15,7 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 
@@ -133,6 +133,7 @@ def evaluate_photos(
 
 def build_parser() -> argparse.ArgumentParser:
     from model.data import SPEC_HELP
+    from service.settings import Settings
 
     parser = argparse.ArgumentParser(prog="fermam eval", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -152,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", type=Path, metavar="JSONL", help="--photos only: one line per photo")
     parser.add_argument(
         "--face-backend", choices=["dlib", "face-alignment"], help="--photos only (default: the service's)"
+    )
+    parser.add_argument(
+        "--cpu-runtime",
+        choices=get_args(Settings.model_fields["cpu_runtime"].annotation),
+        help="--photos only: what runs FERMam on the CPU (the service's setting)",
+    )
+    parser.add_argument(
+        "--cpu-int8-model", type=Path, help="--photos only: the file for --cpu-runtime openvino-int8"
     )
     return parser
 
@@ -178,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["weights"] = args.weights
     if args.face_backend:
         overrides["face_backend"] = args.face_backend
+    if args.cpu_runtime:
+        overrides["cpu_runtime"] = args.cpu_runtime
+    if args.cpu_int8_model:
+        overrides["cpu_int8_model"] = args.cpu_int8_model
     engine = Engine(Settings(**overrides))
     result = evaluate_photos(engine, args.photos, limit=args.limit)
     if args.predictions:

@@ -83,10 +83,16 @@ class Settings(BaseSettings):
         "fraction of its longest side (faces that fill or are cut by the frame); 0 turns it off.",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU (0: torch's default).")
-    cpu_runtime: Literal["torch", "torch-compile", "onnx", "openvino"] = Field(
+    cpu_runtime: Literal["torch", "torch-compile", "onnx", "openvino", "openvino-int8"] = Field(
         "torch",
         description="What runs FERMam on the CPU: torch (eager, the reference), torch-compile, onnx "
-        "(ONNX Runtime) or openvino; onnx/openvino need the cpu-runtimes extra. Ignored on CUDA.",
+        "(ONNX Runtime), openvino, or openvino-int8 (the file of cpu_int8_model); all but torch need "
+        "the cpu-runtimes extra. Ignored on CUDA.",
+    )
+    cpu_int8_model: Path | None = Field(
+        None,
+        description="cpu_runtime openvino-int8: the IR `fermam quantize` wrote for these weights "
+        "(refused if made from other weights).",
     )
 
     # -- batching --------------------------------------------------------------------------------

@@ -549,6 +549,7 @@ class Engine:
             dtype=self.dtype,
             threads=settings.torch_threads,
             cache_key=self._sha256,
+            int8_model=settings.cpu_int8_model,
         )
 
     @torch.inference_mode()
