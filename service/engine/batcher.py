@@ -313,6 +313,9 @@ class DynamicBatcher(Generic[T, R]):
                     with self._cond:
                         self._running_batch = 0
                         self._cond.notify_all()
+                # Drop the finished batch before waiting for the next: these names would otherwise
+                # keep its items (a detect batch of 6000-px photos: hundreds of MB) alive while idle.
+                del batch, taken
         finally:
             self._abandon_queue()
 

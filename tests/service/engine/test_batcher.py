@@ -6,6 +6,7 @@ import asyncio
 import random
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -457,3 +458,27 @@ def test_invalid_configuration_is_refused() -> None:
         DynamicBatcher(double_all, name="x", max_batch_size=0, max_queue_delay_ms=1, max_queue_size=1)
     with pytest.raises(ValueError):
         DynamicBatcher(double_all, name="x", max_batch_size=1, max_queue_delay_ms=-1, max_queue_size=1)
+
+
+def test_the_idle_worker_keeps_nothing_of_its_last_batch() -> None:
+    """Items (a photo's pixels) are freed once answered, not when the next batch comes."""
+
+    class Item:
+        pass
+
+    async def main() -> bool:
+        batcher, _ = make(lambda items: [0 for _ in items], max_queue_delay_ms=0)
+        try:
+            item = Item()
+            ref = weakref.ref(item)
+            await batcher.submit(item)
+            del item
+            for _ in range(100):  # the worker drops its names right after answering
+                if ref() is None:
+                    break
+                await asyncio.sleep(0.01)
+            return ref() is None  # while the worker is alive and idle, before aclose
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main())
