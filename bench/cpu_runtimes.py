@@ -47,10 +47,11 @@ def build(
     size = model.config.contract.input_size
     if name == "openvino-int8":
         from service import quantize
+        from service.engine.pipeline import file_sha256
 
         if not int8_path.is_file():
             quantize.main(["--data", str(TRAIN), "--out", str(int8_path)])
-        sha = quantize._sha256(default_weights_path())
+        sha = file_sha256(default_weights_path())
         return rt.openvino_file_classifier(rt.read_int8_model(int8_path, sha), threads)
     if name == "eager":
         return rt.torch_classifier(model)

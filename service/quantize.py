@@ -12,7 +12,6 @@ before serving it (docs/benchmarks.md has the shipped model's figures).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -38,14 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-faces", type=int, default=1024, help="first N faces of --check")
     parser.add_argument("--threads", type=int, default=0, help="inference threads for --check (0: all)")
     return parser
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _score(
@@ -74,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.data import load_dataset, to_model_input
     from model.weights import default_weights_path
     from service.engine import cpu_runtime as rt
+    from service.engine.pipeline import file_sha256
 
     weights = args.weights or default_weights_path()
     model, _ = load_checkpoint(weights, map_location="cpu")
@@ -84,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     count = min(args.faces, len(split.images))
     chosen = np.sort(rng.choice(len(split.images), count, replace=False))
     calibration = to_model_input(split.images[chosen], contract)
-    sha = _sha256(weights)
+    sha = file_sha256(weights)
     started = time.perf_counter()
     rt.quantize_openvino_int8(
         model,

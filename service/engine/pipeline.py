@@ -154,7 +154,7 @@ class _FaceQuery:
     deadline: float | None = None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -190,7 +190,7 @@ class Engine:
         # selective scan keep float32 where they need it.
         self.model = model.eval().to(device=self.device)
         self.config: FERMamConfig = model.config
-        self._sha256 = _sha256(weights)
+        self._sha256 = file_sha256(weights)
         self._run_model = self._classifier(settings)
         if self._run_model is None:
             # Eager PyTorch runs channels-last: same outputs (a test holds them to the contiguous
