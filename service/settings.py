@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     max_timeout_ms: int = Field(120_000, ge=1, description="Cap on the X-Request-Timeout-Ms header.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, time allowed for in-flight work.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding images (and aligning faces).")
+    detect_threads: int = Field(
+        2,
+        ge=1,
+        description="Threads one detect batch's images run on side by side (dlib; face-alignment "
+        "batches on its device instead); 1 runs them one after another on the stage's worker.",
+    )
 
     # -- reliability -----------------------------------------------------------------------------
     shed_early: bool = Field(

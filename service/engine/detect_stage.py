@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from typing import Protocol
 
 import numpy as np
@@ -135,36 +136,57 @@ def detect_bounded(
 
 
 def run_detect_batch(
-    backend: FaceBackend, queries: Sequence[FaceQuery], max_side: int, retry_margin: float = 0.0
+    backend: FaceBackend,
+    queries: Sequence[FaceQuery],
+    max_side: int,
+    retry_margin: float = 0.0,
+    pool: Executor | None = None,
 ) -> list[ImageFaces | BaseException]:
     """Stage 1 over one batch: detection or given-box landmarks per query, deadlines honoured.
 
-    A backend that does not batch images (dlib) gets one image at a time, and each is checked
-    against its deadline just before it runs; a batching one (face-alignment) gets the batch at once.
+    A backend that does not batch images (dlib) gets one image at a time, each checked against
+    its deadline just before it runs; with `pool` (and a backend safe to call from several
+    threads) the images run on the pool's threads side by side, so a batch uses every core the
+    pool has. A batching backend (face-alignment) gets the batch at once.
     """
+    if backend.name != "dlib":
+        return _run_batched(backend, queries, max_side, retry_margin)
+
+    def one(query: FaceQuery) -> ImageFaces | BaseException:
+        if query.deadline is not None and time.monotonic() >= query.deadline:
+            return DeadlineExceeded("detect: deadline passed before this image ran")
+        if query.boxes is not None:
+            return ImageFaces(backend.landmarks_for_boxes(query.image, list(query.boxes)))
+        return detect_bounded(backend, [query.image], [query.min_face_size], max_side, retry_margin)[0]
+
+    if pool is not None and backend.concurrent and len(queries) > 1:
+        return list(pool.map(one, queries))
+    return [one(query) for query in queries]
+
+
+def _run_batched(
+    backend: FaceBackend, queries: Sequence[FaceQuery], max_side: int, retry_margin: float
+) -> list[ImageFaces | BaseException]:
     out: list[ImageFaces | BaseException | None] = [None] * len(queries)
-    step = 1 if backend.name == "dlib" else len(queries)
-    for start in range(0, len(queries), step):
-        now = time.monotonic()
-        chunk = []
-        for k in range(start, min(start + step, len(queries))):
-            query = queries[k]
-            if query.deadline is not None and now >= query.deadline:
-                out[k] = DeadlineExceeded("detect: deadline passed before this image ran")
-            elif query.boxes is not None:
-                out[k] = ImageFaces(backend.landmarks_for_boxes(query.image, list(query.boxes)))
-            else:
-                chunk.append(k)
-        if chunk:
-            found = detect_bounded(
-                backend,
-                [queries[k].image for k in chunk],
-                [queries[k].min_face_size for k in chunk],
-                max_side,
-                retry_margin,
-            )
-            if len(found) != len(chunk):
-                raise RuntimeError(f"face backend answered {len(found)} of {len(chunk)} images")
-            for k, faces in zip(chunk, found, strict=True):
-                out[k] = faces
+    now = time.monotonic()
+    chunk = []
+    for k, query in enumerate(queries):
+        if query.deadline is not None and now >= query.deadline:
+            out[k] = DeadlineExceeded("detect: deadline passed before this image ran")
+        elif query.boxes is not None:
+            out[k] = ImageFaces(backend.landmarks_for_boxes(query.image, list(query.boxes)))
+        else:
+            chunk.append(k)
+    if chunk:
+        found = detect_bounded(
+            backend,
+            [queries[k].image for k in chunk],
+            [queries[k].min_face_size for k in chunk],
+            max_side,
+            retry_margin,
+        )
+        if len(found) != len(chunk):
+            raise RuntimeError(f"face backend answered {len(found)} of {len(chunk)} images")
+        for k, faces in zip(chunk, found, strict=True):
+            out[k] = faces
     return out  # type: ignore[return-value]

@@ -235,6 +235,7 @@ class Engine:
         if self.device.type == "cuda":
             self.metrics.track_device_memory(lambda: float(torch.cuda.memory_allocated(self.device)))
         self._pool: ThreadPoolExecutor | None = None
+        self._detect_pool: ThreadPoolExecutor | None = None  # a detect batch's images side by side
         self._detect: DynamicBatcher[_FaceQuery, ImageFaces] | None = None
         self._classify: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
         self._accepting = False
@@ -281,6 +282,8 @@ class Engine:
         await asyncio.to_thread(self.warm_up)
         s = self.settings
         self._pool = ThreadPoolExecutor(max_workers=s.decode_threads, thread_name_prefix="fermam-decode")
+        if s.detect_threads > 1 and self.face_backend.concurrent:
+            self._detect_pool = ThreadPoolExecutor(s.detect_threads, thread_name_prefix="fermam-detect")
         self._detect = DynamicBatcher(
             self._detect_batch,
             name=DETECT_STAGE,
@@ -323,10 +326,11 @@ class Engine:
             await self._detect.aclose(max(0.0, deadline - time.monotonic()))
         if self._classify is not None:
             await self._classify.aclose(max(0.0, deadline - time.monotonic()))
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._detect_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self._detect = self._classify = None
-        self._pool = None
+        self._pool = self._detect_pool = None
 
     @property
     def queue_depths(self) -> dict[str, int]:
@@ -532,8 +536,9 @@ class Engine:
     # -- batch functions (run on the batchers' worker threads) ----------------------------------
 
     def _detect_batch(self, queries: list[_FaceQuery]) -> list[ImageFaces | BaseException]:
+        s = self.settings
         return run_detect_batch(
-            self.face_backend, queries, self.settings.detect_max_side, self.settings.detect_retry_margin
+            self.face_backend, queries, s.detect_max_side, s.detect_retry_margin, self._detect_pool
         )
 
     def _classifier(self, settings: Settings) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -60,14 +60,14 @@ class ImageFaces(list[DetectedFace]):
 class FaceBackend(abc.ABC):
     """Detection + 68-point landmarks over a batch of images.
 
-    Thread safety: a backend is NOT safe to call from several threads at once (dlib's detector
-    and torch modules keep per-call state); the service calls it from its one stage-1 worker
-    thread. Backends still hold an internal lock so accidental concurrent use is serialised
-    rather than corrupted.
+    Thread safety: `concurrent` says whether several threads may call a backend at once (dlib:
+    yes, one detector per thread); one that is not (torch modules on one device) holds an internal
+    lock, so concurrent use is serialised rather than corrupted, and the stage does not try.
     """
 
     name: str
     min_face_size: int
+    concurrent: bool = False
 
     @abc.abstractmethod
     def detect(

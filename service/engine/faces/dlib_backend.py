@@ -50,6 +50,7 @@ class DlibFaceBackend(FaceBackend):
     """HOG detection + dlib's 68-point regression-tree predictor, on the CPU."""
 
     name = "dlib"
+    concurrent = True  # one detector per calling thread, a shared predictor
 
     def __init__(
         self,
@@ -71,43 +72,46 @@ class DlibFaceBackend(FaceBackend):
         self.upsample = int(upsample)
         self.adjust_threshold = float(adjust_threshold)
         self.predictor_path = predictor_path
-        self._detector = dlib.get_frontal_face_detector()
+        # dlib's object_detector keeps per-call state (not safe to share between threads); its
+        # shape_predictor does not (one instance may serve many threads). So each thread gets its
+        # own detector (a few kB) and all share the 99 MB predictor: images run in parallel.
         self._predictor = dlib.shape_predictor(str(predictor_path))
-        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _detector(self) -> dlib.fhog_object_detector:
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = dlib.get_frontal_face_detector()
+        return detector
 
     def detect(
         self, images: Sequence[np.ndarray], *, min_face_size: int | Sequence[int] | None = None
     ) -> list[ImageFaces]:
         min_sizes = per_image_min_sizes(len(images), self.min_face_size, min_face_size)
         results: list[ImageFaces] = []
-        with self._lock:
-            # HOG has no batch mode: one image after another, each single-threaded, with no copy
-            # beyond making the array contiguous.
-            for image, min_size in zip(images, min_sizes, strict=True):
-                rgb = as_rgb_uint8(image)
-                rects, scores, _ = self._detector.run(rgb, self.upsample, self.adjust_threshold)
-                faces = [
-                    self._face_for_rect(rgb, rect, float(score), detected=True)
-                    for rect, score in zip(rects, scores, strict=True)
-                ]
-                results.append(sort_and_filter(faces, min_size))
+        detector = self._detector()
+        # HOG has no batch mode: one image after another, each single-threaded, with no copy
+        # beyond making the array contiguous (callers wanting both cores call from two threads).
+        for image, min_size in zip(images, min_sizes, strict=True):
+            rgb = as_rgb_uint8(image)
+            rects, scores, _ = detector.run(rgb, self.upsample, self.adjust_threshold)
+            faces = [
+                self._face_for_rect(rgb, rect, float(score), detected=True)
+                for rect, score in zip(rects, scores, strict=True)
+            ]
+            results.append(sort_and_filter(faces, min_size))
         return results
 
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace]:
         rgb = as_rgb_uint8(image)
-        with self._lock:
-            faces = []
-            for x, y, w, h in boxes:
-                if w <= 0 or h <= 0:
-                    raise ValueError(f"box must have positive width and height, got {(x, y, w, h)}")
-                rect = dlib.rectangle(
-                    int(round(x)), int(round(y)), int(round(x + w)) - 1, int(round(y + h)) - 1
-                )
-                face = self._face_for_rect(rgb, rect, 1.0, detected=False)
-                # Keep the caller's box exactly, not its integer rounding.
-                faces.append(
-                    DetectedFace((float(x), float(y), float(w), float(h)), 1.0, face.landmarks, False)
-                )
+        faces = []
+        for x, y, w, h in boxes:
+            if w <= 0 or h <= 0:
+                raise ValueError(f"box must have positive width and height, got {(x, y, w, h)}")
+            rect = dlib.rectangle(int(round(x)), int(round(y)), int(round(x + w)) - 1, int(round(y + h)) - 1)
+            face = self._face_for_rect(rgb, rect, 1.0, detected=False)
+            # Keep the caller's box exactly, not its integer rounding.
+            faces.append(DetectedFace((float(x), float(y), float(w), float(h)), 1.0, face.landmarks, False))
         return faces
 
     def _face_for_rect(
