@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confusion", type=Path, metavar="PNG", help="write the confusion matrix here")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=256, help="--data only")
+    parser.add_argument(
+        "--dtype",
+        choices=get_args(Settings.model_fields["dtype"].annotation),
+        help="FERMam's compute dtype (autocast): --data defaults to float32, --photos to the service's",
+    )
     parser.add_argument("--limit", type=int, help="--photos only: the first N photos of the manifest")
     parser.add_argument("--predictions", type=Path, metavar="JSONL", help="--photos only: one line per photo")
     parser.add_argument(
@@ -174,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         forwarded += ["--weights", str(args.weights)] if args.weights else []
         forwarded += ["--json"] if args.json else []
         forwarded += ["--confusion", str(args.confusion)] if args.confusion else []
+        forwarded += ["--dtype", args.dtype] if args.dtype else []
         return evaluate.main(forwarded)
     if not (args.photos / "manifest.csv").is_file():
         print(f"fermam eval: no manifest.csv in {args.photos}", file=sys.stderr)
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["cpu_runtime"] = args.cpu_runtime
     if args.cpu_int8_model:
         overrides["cpu_int8_model"] = args.cpu_int8_model
+    if args.dtype:
+        overrides["dtype"] = args.dtype
     engine = Engine(Settings(**overrides))
     result = evaluate_photos(engine, args.photos, limit=args.limit)
     if args.predictions:
