@@ -1,12 +1,14 @@
 """Load generator for the expression service, in the manner of perf_analyzer.
 
 Closed loop: N clients each send a request as soon as their previous one returns (a concurrency
-sweep). Open loop: requests leave at a constant arrival rate whatever the server does (so queueing
-shows up as latency, not as politely reduced load). Each run reports throughput, p50/p95/p99
-latency, errors by status and the server's own queue / inference split (x-queue-time and
-x-inference-time headers). By default it starts the server twice, with batching on (the
-settings' defaults) and off (max batch size 1 in both stages), and prints the batching gain as a
-ratio of throughputs from the same run.
+sweep); after a 429 or 503 a client first waits its Retry-After, as service/client.py does
+(`--retry-at-once` to send again at once). Open loop: requests leave at a constant arrival rate
+whatever the server does (so queueing shows up as latency, not as politely reduced load). Each
+run reports throughput, p50/p95/p99 latency, errors by status and the server's own queue /
+inference split (x-queue-time and x-inference-time headers). By default it starts the server
+twice, with batching on (the settings' defaults) and off (max batch size 1 in both stages), and
+prints the batching gain as a ratio of throughputs from the same run. `--server-repo` starts the
+servers from another checkout (a worktree of an older commit), for before/after tables.
 
     python bench/load.py                                   # CPU, start servers, sweep 1,4,8
     python bench/load.py --device cuda --face-backend face-alignment --concurrency 1,8,32,64
@@ -40,6 +42,7 @@ class Sample:
     status: int
     queue_ms: float | None = None
     inference_ms: float | None = None
+    retry_after_s: float | None = None  # a 429/503's Retry-After
 
 
 @dataclass
@@ -100,11 +103,14 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: bytes, filen
         value = response.headers.get(name)
         return float(value) if value is not None else None
 
-    return Sample(latency, response.status_code, header("x-queue-time"), header("x-inference-time"))
+    retry_after = header("retry-after") if response.status_code in (429, 503) else None
+    return Sample(
+        latency, response.status_code, header("x-queue-time"), header("x-inference-time"), retry_after
+    )
 
 
 async def closed_loop(
-    base: str, payload: bytes, filename: str, concurrency: int, duration_s: float
+    base: str, payload: bytes, filename: str, concurrency: int, duration_s: float, honour_retry: bool = True
 ) -> RunResult:
     url = f"{base}/v1/expressions"
     result = RunResult(f"closed c={concurrency}", duration_s)
@@ -114,7 +120,12 @@ async def closed_loop(
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
-                result.samples.append(await one_request(client, url, payload, filename))
+                sample = await one_request(client, url, payload, filename)
+                result.samples.append(sample)
+                if honour_retry and sample.retry_after_s:
+                    # As service/client.py does: a client that retried a 429 at once would measure
+                    # the rejection path (and keep the queue estimate over its bound), not the service.
+                    await asyncio.sleep(min(sample.retry_after_s, max(0.0, stop_at - time.perf_counter())))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -148,15 +159,16 @@ def free_port() -> int:
 class Server:
     """`fermam serve` in a subprocess, for as long as the `with` block lasts."""
 
-    def __init__(self, extra_args: list[str]) -> None:
+    def __init__(self, extra_args: list[str], repo: Path = REPO) -> None:
+        self.repo = repo
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), *extra_args]
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
-        env = os.environ | {"PYTHONPATH": str(REPO)}
-        self.process = subprocess.Popen(self.args, cwd=REPO, env=env)
+        env = os.environ | {"PYTHONPATH": str(self.repo)}
+        self.process = subprocess.Popen(self.args, cwd=self.repo, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -200,7 +212,9 @@ async def sweep(base: str, payload: bytes, args: argparse.Namespace) -> list[Run
             raise RuntimeError(f"warm-up request failed with status {warm.status}")
     results = []
     for concurrency in args.concurrency:
-        results.append(await closed_loop(base, payload, args.photo, concurrency, args.duration))
+        results.append(
+            await closed_loop(base, payload, args.photo, concurrency, args.duration, not args.retry_at_once)
+        )
     for rate in args.rate:
         results.append(await open_loop(base, payload, args.photo, rate, args.duration))
     return results
@@ -215,10 +229,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,8", help="closed-loop client counts, comma-separated")
     parser.add_argument("--rate", default="", help="open-loop arrival rates (req/s), comma-separated")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    parser.add_argument(
+        "--retry-at-once",
+        action="store_true",
+        help="closed loop: send again at once after a 429/503 instead of waiting its Retry-After",
+    )
     parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off comparison")
     parser.add_argument("--weights", help="FERMam checkpoint for the started servers (default: shipped)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--face-backend", default="dlib")
+    parser.add_argument(
+        "--server-repo",
+        type=Path,
+        default=REPO,
+        help="start the servers from this checkout (e.g. a git worktree of an older commit: before/after)",
+    )
     parser.add_argument("--server-arg", action="append", default=[], help="extra `fermam serve` argument")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     outcomes: dict[str, list[RunResult]] = {}
     for title, extra in configs:
-        with Server(common + extra) as server:
+        with Server(common + extra, args.server_repo) as server:
             outcomes[title] = asyncio.run(sweep(server.base, payload, args))
         print_table(f"{title}, {args.photo}", machine, outcomes[title])
     if len(outcomes) == 2:

@@ -98,11 +98,19 @@ class Settings(BaseSettings):
     # -- batching --------------------------------------------------------------------------------
     detect_max_batch_size: int = Field(8, ge=1, description="Stage 1 (faces): most images per batch.")
     detect_max_queue_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="Stage 1: longest wait for a batch to fill, from its first image."
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Stage 1: longest wait for a batch to fill, from its first image, while other "
+        "requests are still decoding (none: it runs at once).",
     )
     classify_max_batch_size: int = Field(64, ge=1, description="Stage 2 (FERMam): most faces per batch.")
     classify_max_queue_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="Stage 2: longest wait for a batch to fill, from its first face."
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Stage 2: longest wait for a batch to fill, from its first face, while other "
+        "requests are still aligning (none: it runs at once).",
     )
     max_queue_size: int = Field(
         512, ge=1, description="Most items waiting per stage; beyond it requests get 429 + Retry-After."

@@ -137,7 +137,12 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_delay_ms: float,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        more_expected: Callable[[], bool] | None = None,
     ) -> None:
+        """`more_expected`, when given, says whether items are on their way to this stage now
+        (called from the worker thread): while it says no, a batch that is not full runs at once
+        instead of waiting `max_queue_delay_ms` for items that are not coming. Without it, the
+        batcher always waits (the classic dynamic batcher)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue_delay_ms < 0:
@@ -149,6 +154,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self._batch_fn = batch_fn
+        self._more_expected = more_expected
         self._observer: BatchObserver = observer or _NullObserver()
         self._queue: deque[_Entry[T]] = deque()
         self._cond = threading.Condition()
@@ -287,7 +293,14 @@ class DynamicBatcher(Generic[T, R]):
                     continue
                 due = self._queue[0].enqueued_at + self.max_queue_delay_s
                 remaining = due - time.monotonic()
-                if len(self._queue) >= self.max_batch_size or remaining <= 0 or not self._accepting:
+                # Waiting only pays when more items can arrive within the delay.
+                idle_upstream = self._more_expected is not None and not self._more_expected()
+                if (
+                    len(self._queue) >= self.max_batch_size
+                    or remaining <= 0
+                    or idle_upstream
+                    or not self._accepting
+                ):
                     size = min(self.max_batch_size, len(self._queue))
                     batch = [self._queue.popleft() for _ in range(size)]
                     self._running_batch = len(batch)

@@ -236,6 +236,10 @@ class Engine:
             self.metrics.track_device_memory(lambda: float(torch.cuda.memory_allocated(self.device)))
         self._pool: ThreadPoolExecutor | None = None
         self._detect_pool: ThreadPoolExecutor | None = None  # a detect batch's images side by side
+        # Requests decoding (on their way to the detect stage) and aligning (on their way to the
+        # classify stage): a stage waits for its batch to fill only while some are (batcher.py).
+        self._decoding = 0
+        self._aligning = 0
         self._detect: DynamicBatcher[_FaceQuery, ImageFaces] | None = None
         self._classify: DynamicBatcher[torch.Tensor, np.ndarray] | None = None
         self._accepting = False
@@ -291,6 +295,7 @@ class Engine:
             max_queue_delay_ms=s.detect_max_queue_delay_ms,
             max_queue_size=s.max_queue_size,
             observer=self.metrics.stage(DETECT_STAGE),
+            more_expected=lambda: self._decoding > 0,
         )
         self._classify = DynamicBatcher(
             self._classify_batch,
@@ -299,6 +304,7 @@ class Engine:
             max_queue_delay_ms=s.classify_max_queue_delay_ms,
             max_queue_size=s.max_queue_size,
             observer=self.metrics.stage(CLASSIFY_STAGE),
+            more_expected=lambda: self._aligning > 0,
         )
         self._detect.start()
         self._classify.start()
@@ -411,9 +417,15 @@ class Engine:
         timings = Timings()
 
         # On the first error, the request's other decodes and queued items are cancelled.
-        decoded = await gather_or_cancel(
-            [loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images)]
-        )
+        self._decoding += 1
+        try:
+            decoded = await gather_or_cancel(
+                [loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images)]
+            )
+        finally:
+            # Before the submit below (no await between), so the detect worker woken by it sees
+            # this request as arrived, not as still on its way.
+            self._decoding -= 1
         timings.decode_s = time.monotonic() - started
         self.metrics.images.inc(len(decoded))
 
@@ -446,14 +458,19 @@ class Engine:
         described: list[tuple[Pose, Quality]] = []
         if located:
             align_started = time.monotonic()
-            crops = await loop.run_in_executor(
-                self._pool,
-                align_faces_bounded,
-                [d.pixels for d in decoded],
-                [(i, face.landmarks) for i, face in located],
-                self.config.contract,
-            )
+            self._aligning += 1
+            try:
+                crops = await loop.run_in_executor(
+                    self._pool,
+                    align_faces_bounded,
+                    [d.pixels for d in decoded],
+                    [(i, face.landmarks) for i, face in located],
+                    self.config.contract,
+                )
+            finally:
+                self._aligning -= 1  # before the submit, as for decoding above
             timings.align_s = time.monotonic() - align_started
+            pending = self._classify.submit_many(list(crops), deadline)
             # Pose and quality (CPU, numpy) run in the pool while stage 2 computes.
             describing = loop.run_in_executor(
                 self._pool,
@@ -461,7 +478,7 @@ class Engine:
                 [d.pixels for d in decoded],
                 [(i, f.box, f.landmarks) for i, f in located],
             )
-            stage2 = await gather_or_cancel(self._classify.submit_many(list(crops), deadline))
+            stage2 = await gather_or_cancel(pending)
             described = await describing
             timings.classify_queue_s = max(r.queue_s for r in stage2)
             timings.classify_s = max(r.compute_s for r in stage2)

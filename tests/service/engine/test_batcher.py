@@ -108,6 +108,43 @@ def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
     assert asyncio.run(main()) < 1.0
 
 
+def test_a_lone_item_runs_at_once_when_nothing_more_is_on_its_way() -> None:
+    async def main() -> float:
+        batcher, _ = make(double_all, max_batch_size=8, max_queue_delay_ms=5_000, more_expected=lambda: False)
+        try:
+            started = time.monotonic()
+            await batcher.submit(1)
+            return time.monotonic() - started
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main()) < 1.0  # not the 5 s delay
+
+
+def test_the_batch_waits_for_items_on_their_way_and_then_runs_with_them() -> None:
+    on_the_way = {"count": 1}
+
+    async def main() -> list[int]:
+        batcher, observer = make(
+            double_all,
+            max_batch_size=8,
+            max_queue_delay_ms=5_000,
+            more_expected=lambda: on_the_way["count"] > 0,
+        )
+        try:
+            first = asyncio.ensure_future(batcher.submit(1))
+            await asyncio.sleep(0.2)  # the worker waits: one more item is announced
+            assert not first.done()
+            on_the_way["count"] = 0  # as the pipeline does: the count drops, then the item is queued
+            second = batcher.submit(2)
+            await asyncio.gather(first, second)
+            return observer.batch_sizes
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main()) == [2]
+
+
 def test_next_batch_is_collected_while_the_current_one_runs() -> None:
     release = threading.Event()
     first_running = threading.Event()

@@ -234,3 +234,21 @@ def test_every_face_carries_pose_and_quality(engine) -> None:
     assert face.pose is not None and face.pose.pitch > 8  # aflw-test.jpg: the face is tilted up
     assert face.quality is not None and face.quality.size == min(face.box[2], face.box[3])
     assert 0 < face.quality.sharpness < 1 and 0 < face.quality.brightness < 1
+
+
+def test_a_lone_request_does_not_wait_for_batches_that_nobody_else_will_fill(engine_factory) -> None:
+    """With nothing else decoding or aligning, each stage runs its one item at once instead of
+    waiting its fill delay (here 4 s each: a request waiting either would take over 4 s)."""
+    engine = engine_factory(detect_max_queue_delay_ms=4_000, classify_max_queue_delay_ms=4_000)
+
+    async def main() -> list:
+        await engine.start()
+        try:
+            return [await engine.infer([photo(FACE_CROP)]) for _ in range(3)]
+        finally:
+            await engine.stop()
+
+    for result in asyncio.run(main()):
+        assert len(result.images[0].faces) == 1
+        assert result.timings.detect_queue_s < 2.0, result.timings
+        assert result.timings.classify_queue_s < 2.0, result.timings
