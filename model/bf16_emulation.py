@@ -1,7 +1,7 @@
 """bf16 autocast's numbers at float32's speed, for measuring bf16 accuracy on CPUs without bf16.
 
 On a CPU without AVX512-BF16 or AMX, oneDNN runs bf16 convolutions and matrix products through
-slow fallback kernels: FERMam under bf16 autocast ran 0.25 faces/s on the 2-core AVX2 machine
+slow fallback kernels: FERMam under bf16 autocast ran 0.25-0.4 faces/s on the 2-core AVX2 machine
 (float32: ~10), so scoring FER+ val took hours. Native bf16 hardware computes those products
 exactly (a bf16 x bf16 product fits in float32) and accumulates them in float32, then rounds the
 result to bf16. The float32 kernels do the same on the bf16 values upcast, so this mode runs

@@ -1,7 +1,7 @@
 """The bf16 emulation (model/bf16_emulation.py) gives real bf16 autocast's numbers.
 
 Real bf16 autocast runs here through oneDNN's slow fallback kernels on CPUs without native bf16
-(0.25 faces/s on the 2-core AVX2 machine), so the comparison uses a few FER+ val faces only.
+(0.25-0.4 faces/s on the 2-core AVX2 machine), so the comparison uses a few FER+ val faces only.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def test_emulated_bf16_gives_real_bf16_numbers(model_and_faces) -> None:
     emulated = _probs(model, faces, bf16=True, emulate=True)
     # bf16 moves each face's probabilities by ~2e-3 from float32 (mean over faces of the largest
     # move); the emulation lands far closer to real bf16 than that: only the order of float32 sums
-    # and a rare rounding tie differ (measured on 32 val faces: 3.9e-4 against 1.9e-3; 2.6x closer
-    # on the first 4).
+    # and a rare rounding tie differ (measured: 3.9e-4 against 1.9e-3 on 32 val faces, 6.7e-4
+    # against 2.1e-3 on these 8).
     shift = (real - fp32).abs().amax(1).mean().item()
     gap = (emulated - real).abs().amax(1).mean().item()
     assert shift > 1e-4, "bf16 autocast changed nothing: the comparison would prove nothing"

@@ -15,6 +15,17 @@ FERPLUS = SHARED / "data" / "ferplus"
 ANNOTATION_FILES = ("dlib_training_with_face_landmarks.xml", "dlib_testing_with_face_landmarks.xml")
 
 
+@dataclass
+class DetectQuery:
+    """A stage-1 item as run_detect_batch takes it (the FaceQuery protocol), for calling the stage
+    directly."""
+
+    image: np.ndarray
+    min_face_size: int = 0
+    boxes: tuple[tuple[float, float, float, float], ...] | None = None
+    deadline: float | None = None
+
+
 @dataclass(frozen=True)
 class AnnotatedFace:
     box: tuple[float, float, float, float]

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from photo_truth import box_iou, load_photo, normalised_landmark_error
+from photo_truth import DetectQuery, box_iou, load_photo, normalised_landmark_error
 from PIL import Image
 
 from model.config import InputContract
@@ -20,21 +19,12 @@ from service.engine.align import align_faces
 from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import DeadlineExceeded
 from service.engine.detect_stage import CropTooSmall, detect_bounded, run_detect_batch
-from service.engine.faces import Box
 from service.engine.pipeline import ImageRejected, RequestOptions
 
 # The same margins as test_faces_dlib on the originals (measured there 43/43, NME 0.019);
 # at 3x upscale then down to 1280 (2.56x the original) the measured figures are in docs/reliability.md.
 MIN_RECALL = 0.93
 MAX_MEAN_ERROR = 0.03
-
-
-@dataclass
-class Query:
-    image: np.ndarray
-    min_face_size: int = 0
-    boxes: tuple[Box, ...] | None = None
-    deadline: float | None = None
 
 
 def upscaled(image: np.ndarray, factor: int) -> np.ndarray:
@@ -84,9 +74,9 @@ def test_expired_items_are_dropped_before_their_image_runs(dlib_backend):
     slow = load_photo("solvay_conference_1927.jpg")  # ~0.6 s for dlib at 1280 px on a 2-core CPU
     now = time.monotonic()
     queries = [
-        Query(load_photo("2008_001322.jpg"), deadline=now - 1.0),  # already late: never runs
-        Query(slow, deadline=now + 60),
-        Query(load_photo("2008_001322.jpg"), deadline=now + 0.01),  # expires while solvay runs
+        DetectQuery(load_photo("2008_001322.jpg"), deadline=now - 1.0),  # already late: never runs
+        DetectQuery(slow, deadline=now + 60),
+        DetectQuery(load_photo("2008_001322.jpg"), deadline=now + 0.01),  # expires while solvay runs
     ]
     first, second, third = run_detect_batch(dlib_backend, queries, 1280)
     assert isinstance(first, DeadlineExceeded) and isinstance(third, DeadlineExceeded)

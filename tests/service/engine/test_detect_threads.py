@@ -10,24 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
-from photo_truth import load_photo
+from photo_truth import DetectQuery, load_photo
 
 from service.engine.batcher import DeadlineExceeded
 from service.engine.detect_stage import run_detect_batch
-from service.engine.faces import Box, ImageFaces
+from service.engine.faces import ImageFaces
 
 PHOTOS = ["2007_007763.jpg", "aflw-test.jpg", "2008_001322.jpg", "2008_002079.jpg", "2008_004176.jpg"]
-
-
-@dataclass
-class Query:
-    image: np.ndarray
-    min_face_size: int = 0
-    boxes: tuple[Box, ...] | None = None
-    deadline: float | None = None
 
 
 def _same(a: ImageFaces | BaseException, b: ImageFaces | BaseException) -> None:
@@ -43,9 +34,9 @@ def _same(a: ImageFaces | BaseException, b: ImageFaces | BaseException) -> None:
 
 def test_a_batch_on_two_threads_answers_as_on_one(dlib_backend):
     images = [load_photo(name) for name in PHOTOS]
-    queries = [Query(image, min_face_size=20) for image in images]
-    queries.append(Query(images[1], boxes=((60.0, 70.0, 300.0, 300.0),)))  # detect=false
-    queries.append(Query(images[0], deadline=time.monotonic() - 1.0))  # already late
+    queries = [DetectQuery(image, min_face_size=20) for image in images]
+    queries.append(DetectQuery(images[1], boxes=((60.0, 70.0, 300.0, 300.0),)))  # detect=false
+    queries.append(DetectQuery(images[0], deadline=time.monotonic() - 1.0))  # already late
     sequential = run_detect_batch(dlib_backend, queries, 1280, 0.15)
     with ThreadPoolExecutor(2) as pool:
         threaded = run_detect_batch(dlib_backend, queries, 1280, 0.15, pool)
@@ -93,7 +84,7 @@ def test_a_batch_runs_on_the_pool_threads(dlib_backend):
 
     image = load_photo("aflw-test.jpg")
     with ThreadPoolExecutor(2, thread_name_prefix="detect-test") as pool:
-        found = run_detect_batch(Recording(), [Query(image) for _ in range(4)], 1280, 0.0, pool)
+        found = run_detect_batch(Recording(), [DetectQuery(image) for _ in range(4)], 1280, 0.0, pool)
     assert all(len(faces) == 1 for faces in found)
     assert len(seen) == 4 and all(name.startswith("detect-test") for name in seen)
     assert len(set(seen)) == 2
