@@ -8,6 +8,7 @@ parser, so adding a command never touches another's options and `fermam --help` 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,16 +25,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: fermam <command> [options]", "", "commands:"]
+    lines = ["usage: fermam [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<18}{help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\n`fermam <command> --help` shows a command's options.")
     return "\n".join(lines)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fermam-service")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in {"-h", "--help"}:
+    if not args:
+        # A command is required: say so as argparse does (usage on stderr, status 2).
+        print(f"{_usage()}\n\nfermam: a command is required", file=sys.stderr)
+        return 2
+    if args[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if args[0] in {"-V", "--version"}:
+        print(f"fermam-service {_version()}")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

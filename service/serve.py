@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -127,15 +128,24 @@ def main(argv: list[str]) -> int:
     # Heavy imports only once the settings are known to be good.
     import uvicorn
 
-    from service.engine.pipeline import Engine
+    from model.device import resolve_device
     from service.http.app import create_app
 
     try:
-        engine = Engine(settings)
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"fermam serve: cannot load the models: {error}", file=sys.stderr)
-        return 1
-    app = create_app(settings, engine)
+        resolve_device(settings.device)
+    except (RuntimeError, ValueError) as error:
+        print(f"fermam serve: invalid settings: --device: {error}", file=sys.stderr)
+        return 2
+    load_errors: list[BaseException] = []
+    server: DrainingServer | None = None
+
+    def stop_after_failed_load(error: BaseException) -> None:
+        load_errors.append(error)
+        if server is not None:
+            server.exit_now()
+
+    # The listener opens first and the models load behind it: /livez 200 and /readyz 503 meanwhile.
+    app = create_app(settings, on_load_failure=stop_after_failed_load)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -150,6 +160,9 @@ def main(argv: list[str]) -> int:
         config, app.state.service, settings.drain_timeout_s, grace_s=settings.shutdown_grace_s
     )
     asyncio.run(server.serve())
+    if load_errors:
+        print(f"fermam serve: cannot load the models: {load_errors[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -185,12 +198,23 @@ class DrainingServer:
         self._loop = asyncio.get_running_loop()
         await self._server.serve()
 
+    def exit_now(self) -> None:
+        """Stop serving at once (nothing to drain: the models never loaded)."""
+        self._server.should_exit = True
+
     def _on_signal(self, sig: int) -> None:
         # Runs in the signal handler: only hand the work to the event loop.
-        if self._draining or self._loop is None:
+        if self._loop is None:
             self._server.should_exit = True
             self._server.force_exit = True
             return
+        if self._draining:
+            # The operator insists: leave now. Forcing uvicorn out instead would leave the app's
+            # lifespan waiting, and the event loop's teardown would log its cancellation as a
+            # traceback; nothing the drain could still finish is worth more than an exit at once.
+            log.warning("received %s again: exiting without finishing the drain", signal.Signals(sig).name)
+            logging.shutdown()
+            os._exit(128 + sig)
         self._draining = True
         now = time.monotonic()
         deadline = now + self._drain_timeout_s

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -66,8 +68,41 @@ class RequestMetrics:
             record()
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. Without `engine`, the lifespan loads one from `settings` (blocking, in a thread).
+def _in_daemon_thread(factory: Callable[[], Engine]) -> asyncio.Future[Engine]:
+    """Run `factory` on a daemon thread: a shutdown while the models load need not wait for it
+    (asyncio.to_thread's pool is joined when the event loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Engine] = loop.create_future()
+
+    def settle(outcome: Engine | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome: Engine | BaseException = factory()
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            outcome = error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="fermam-load", daemon=True).start()
+    return future
+
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app. Without `engine`, the models load in the background after the listener
+    opens, so probes get `/livez` 200 and `/readyz` 503 while loading (as Kubernetes expects)
+    instead of a closed port; a failed load is logged and handed to `on_load_failure`.
 
     Readiness turns true only once the engine is loaded and warmed up; on shutdown in-flight work
     and the engine drain within one `settings.drain_timeout_s`, counted from when draining began.
@@ -75,20 +110,41 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     metrics = engine.metrics if engine is not None else ServiceMetrics()
     state = ServiceState(settings, metrics)
 
+    async def load() -> None:
+        try:
+            loaded = await _in_daemon_thread(lambda: Engine(settings, metrics=metrics))
+            await loaded.start()
+        except Exception as error:  # noqa: BLE001 - any failure to load is reported the same way
+            log.error("cannot load the models: %s", error)
+            if on_load_failure is not None:
+                on_load_failure(error)
+            return
+        state.engine = loaded
+        log.info("models loaded: ready")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.engine = engine or await asyncio.to_thread(Engine, settings, metrics=metrics)
-        await state.engine.start()
+        loading: asyncio.Task[None] | None = None
+        if engine is not None:
+            await engine.start()
+            state.engine = engine
+        else:
+            loading = asyncio.create_task(load(), name="fermam-load")
         trimmer = MemoryTrimmer(settings.memory_trim_interval_s, lambda: state.completed)
         trimmer.start()
         try:
             yield
         finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
             await trimmer.stop()
             # After SIGTERM the deadline is already set (serve.py): these steps get what is left.
             state.begin_drain()
             await state.wait_idle(state.drain_remaining_s())
-            await state.engine.stop(state.drain_remaining_s())
+            if state.engine is not None:
+                await state.engine.stop(state.drain_remaining_s())
 
     app = FastAPI(
         title="fermam-service",

@@ -7,7 +7,7 @@ import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -17,7 +17,8 @@ from service.engine.video import VideoOptions, VideoResult, analyse_video
 from service.http import schemas
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep, require_api_key
 from service.http.errors import ApiError, to_api_error
-from service.http.routes import _check_form_booleans, _deadline, _invalid, face_fields
+from service.http.forms import validate_form
+from service.http.routes import _deadline, face_fields
 
 router = APIRouter()
 
@@ -224,11 +225,7 @@ async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoR
                 fields[key] = value
         if upload is None:
             raise ApiError(422, "invalid_request", "no video: add a 'file' part")
-        _check_form_booleans(fields, VideoForm)
-        try:
-            form_options = VideoForm.model_validate(fields)
-        except ValidationError as error:
-            raise _invalid(error) from None
+        form_options = validate_form(fields, VideoForm)
         if upload.size is not None and upload.size > settings.video_max_bytes:
             state.metrics.reject("too_large")
             raise ApiError(

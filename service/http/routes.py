@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -19,6 +19,7 @@ from service.http import schemas
 from service.http.body import parse_multipart
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep
 from service.http.errors import ApiError
+from service.http.forms import invalid_request, validate_form
 from service.http.public import public_metadata
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -191,14 +192,6 @@ def _options(model: schemas.ExpressionOptions) -> RequestOptions:
     )
 
 
-def _invalid(error: ValidationError) -> ApiError:
-    parts = []
-    for item in error.errors()[:5]:
-        where = ".".join(str(p) for p in item.get("loc", ())) or "body"
-        parts.append(f"{where}: {item.get('msg', 'invalid')}")
-    return ApiError(422, "invalid_request", "; ".join(parts))
-
-
 async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes], RequestOptions]:
     # Sizes and the image count are checked while the body streams in (http/body.py).
     form = await parse_multipart(request, settings)
@@ -220,23 +213,10 @@ async def _read_multipart(request: Request, settings: Any) -> tuple[list[bytes],
                 raise ApiError(413, "too_many_files", f"at most {settings.max_files} images per request")
     finally:
         await form.close()
-    _check_form_booleans(fields, schemas.ExpressionOptions)
-    try:
-        options = schemas.ExpressionOptions.model_validate(fields)
-    except ValidationError as error:
-        raise _invalid(error) from None
+    options = validate_form(fields, schemas.ExpressionOptions)
     if not files:
         raise ApiError(422, "invalid_request", "no images: add one or more 'files' parts")
     return files, _options(options)
-
-
-def _check_form_booleans(fields: dict[str, str], model: type[BaseModel]) -> None:
-    """Form booleans are the words true / false, as the OpenAPI document says: pydantic's lax
-    parsing would also take 0, 1, yes, off ..., which clients then rely on."""
-    for name, value in fields.items():
-        info = model.model_fields.get(name)
-        if info is not None and info.annotation is bool and value.strip().lower() not in {"true", "false"}:
-            raise ApiError(422, "invalid_request", f"{name}: must be true or false, got {value!r}")
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int, index: int) -> bytes:
@@ -254,7 +234,7 @@ async def _read_json(request: Request, settings: Any) -> tuple[list[bytes], Requ
         # Strict: JSON has real booleans and integers, so `"top_k": true` is not 1.
         parsed = schemas.ExpressionJSONRequest.model_validate_json(body, strict=True)
     except ValidationError as error:
-        raise _invalid(error) from None
+        raise invalid_request(error) from None
     if len(parsed.images) > settings.max_files:
         raise ApiError(413, "too_many_files", f"at most {settings.max_files} images per request")
     images = []

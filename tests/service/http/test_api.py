@@ -341,3 +341,15 @@ def test_form_booleans_are_the_words_true_or_false(client, value: str) -> None:
     assert response.json()["error"]["code"] == "invalid_request"
     ok = post_files(client, ("grass.jpg", photo(NO_FACE)), data={"return_landmarks": "False"})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("value", ["+0", "0_0", " 0", "0.0", "00", "1e1", "0x1", "-"])
+def test_form_integers_are_written_as_json_integers(client, value: str) -> None:
+    """Pydantic's lax parsing took all of these as integers, which the schema does not allow
+    (schemathesis ST201 on min_face_size=0)."""
+    response = post_files(client, ("grass.jpg", photo(NO_FACE)), data={"min_face_size": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    for good in ("0", "40"):
+        ok = post_files(client, ("grass.jpg", photo(NO_FACE)), data={"min_face_size": good})
+        assert ok.status_code == 200, ok.text

@@ -4,6 +4,7 @@ sample photo with pose and quality, a busy port, fast --help."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from live_server import REPO, live_server
+from live_server import REPO, free_port, live_server
 
 from service.cli import COMMANDS
 
@@ -105,3 +106,97 @@ def test_with_api_keys_the_pages_stay_open_and_the_api_needs_the_key(weights_pat
             assert httpx.get(base + page, timeout=10).status_code == 200, page
         assert httpx.get(base + "/v1/models", timeout=10).status_code == 401
         assert httpx.get(base + "/v1/models", headers={"X-API-Key": key}, timeout=10).status_code == 200
+
+
+def _serve(*flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "service.cli", "serve", "--device", "cpu", *flags]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_port_answers_while_the_models_load(weights_path) -> None:
+    """Kubernetes probes expect /livez 200 and /readyz 503 while starting, not a closed port."""
+    port = free_port()
+    process = _serve("--port", str(port), "--weights", str(weights_path), "--log-level", "warning")
+    seen: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                live = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=2).status_code
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            seen.append((live, ready.status_code))
+            if ready.status_code == 200:
+                break
+            assert ready.json()["error"] == {"code": "not_ready", "message": "not ready: starting"}
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait(10)
+    assert seen and seen[-1] == (200, 200), seen
+    assert (200, 503) in seen, seen
+
+
+def test_a_second_signal_exits_at_once_without_a_traceback(weights_path) -> None:
+    port = free_port()
+    process = _serve(
+        "--port", str(port), "--weights", str(weights_path), "--shutdown-grace-s", "20",
+        "--drain-timeout-s", "30",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(port):
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)  # draining: the listener stays open for the 20 s grace
+        time.sleep(1.0)
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=5)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output and "CancelledError" not in output, output
+    assert "exiting without finishing the drain" in output
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_weights_that_cannot_load_end_the_server_with_status_1(tmp_path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file at all")
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--device", "cpu", "--port", str(free_port()),
+         "--weights", str(broken)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fermam serve: cannot load the models" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is present here")
+def test_cuda_without_cuda_is_a_settings_error(weights_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--device", "cuda", "--port", str(free_port()),
+         "--weights", str(weights_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "invalid settings: --device" in result.stderr and "CUDA is not available" in result.stderr
+
+
+def test_fermam_without_a_command_exits_2_and_has_a_version() -> None:
+    bare = subprocess.run([sys.executable, "-m", "service.cli"], cwd=REPO, capture_output=True, text=True)
+    assert bare.returncode == 2 and "usage: fermam" in bare.stderr and "a command is required" in bare.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--version"], cwd=REPO, capture_output=True, text=True
+    )
+    assert version.returncode == 0 and re.fullmatch(r"fermam-service \d+\.\d+\.\d+\S*\n", version.stdout)
