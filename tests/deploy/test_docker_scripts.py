@@ -246,9 +246,20 @@ def cpu_image_environment(build_settings, weights_path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_smoke_check_passes_with_the_cpu_image_settings(cpu_image_environment, capsys) -> None:
+    """It loads the models, then starts `fermam serve` and gets one face for the sample photo."""
     assert load_script("smoke_check").main([]) == 0
-    assert "face backend: dlib" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "face backend: dlib" in out
+    assert "fermam serve: grace_hopper.jpg -> one face" in out and "stopped cleanly on SIGTERM" in out
+
+
+@pytest.mark.slow
+def test_smoke_check_fails_when_the_served_photo_gets_no_face(cpu_image_environment, capsys) -> None:
+    no_face = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "photos" / "grass_no_face.jpg"
+    assert load_script("smoke_check").main(["--photo", str(no_face)]) == 1
+    assert '"faces":[]' in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="where CUDA runs, mamba-ssm may import")
