@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine.pipeline import Engine
@@ -27,6 +28,24 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger("fermam.http")
+
+
+def route_label(scope: Scope) -> str:
+    """The route template a request matched, as a metric label: one value per route or mount.
+
+    FastAPI's router records no route in the scope for a mount (the demo page's and Swagger's
+    static files), only the mounted app as `endpoint`; such requests are labelled by the mount's
+    template (`/static/demo/{path}`, as OpenTelemetry's `http.route` names them), never by the file.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    endpoint = scope.get("endpoint")
+    if endpoint is not None:
+        for route in getattr(scope.get("app"), "routes", ()):
+            if isinstance(route, Mount) and route.app is endpoint:
+                return route.path_format
+    return "unmatched"
 
 
 class RequestMetrics:
@@ -49,7 +68,7 @@ class RequestMetrics:
             if recorded:
                 return
             recorded = True
-            label = getattr(scope.get("route"), "path", None) or "unmatched"
+            label = route_label(scope)
             self.metrics.request_duration.labels(label, str(status)).observe(time.perf_counter() - started)
             self.metrics.requests.labels(label, str(status)).inc()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -98,6 +99,19 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _routing_message(request: Request, error: StarletteHTTPException, headers: dict[str, str] | None) -> str:
+    """The router's bare "Not Found" / "Method Not Allowed", said with the path and what to use."""
+    detail = str(error.detail)
+    if error.status_code not in (404, 405) or detail != HTTPStatus(error.status_code).phrase:
+        return detail  # a message some route chose
+    path = request.url.path
+    path = path if len(path) <= 120 else path[:120] + "..."
+    if error.status_code == 404:
+        return f"nothing is served at {path}; the API's routes are listed at /docs"
+    allowed = (headers or {}).get("Allow") or (headers or {}).get("allow")
+    return f"{request.method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -118,7 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+        headers = getattr(error, "headers", None)
+        return error_response(error.status_code, code, _routing_message(request, error, headers), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -10,8 +10,11 @@ import math
 import pytest
 from fastapi.testclient import TestClient
 from http_bodies import GROUP, LARGE, NO_FACE, TEST_MAX_IMAGE_BYTES, photo, png_claiming
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.http.app import create_app
+from service.http.demo import STATIC_URL as DEMO_ASSETS
+from service.http.docs import ASSETS_URL as DOCS_ASSETS
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -287,6 +290,59 @@ def test_metrics_expose_stages_requests_and_rejections(client) -> None:
         "fermam_model_info{",
     ):
         assert needle in text, needle
+
+
+def requests_by_route(client: TestClient) -> dict[tuple[str, str], float]:
+    """`fermam_requests_total` as /metrics shows it, by (route, status)."""
+    return {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == "fermam_requests_total"
+    }
+
+
+def test_static_files_are_counted_by_their_mount_not_as_unmatched(client) -> None:
+    before = requests_by_route(client)
+    assert client.get(f"{DEMO_ASSETS}/demo.js").status_code == 200
+    assert client.get(f"{DOCS_ASSETS}/swagger-ui-bundle.js").status_code == 200
+    assert client.get(f"{DEMO_ASSETS}/missing.js").status_code == 404
+    assert client.get("/no/such/page").status_code == 404
+    after = requests_by_route(client)
+    grown = {key: value - before.get(key, 0.0) for key, value in after.items() if value != before.get(key)}
+    grown.pop(("/metrics", "200"))  # the first read of /metrics
+    assert grown == {
+        (f"{DEMO_ASSETS}/{{path}}", "200"): 1,
+        (f"{DOCS_ASSETS}/{{path}}", "200"): 1,
+        (f"{DEMO_ASSETS}/{{path}}", "404"): 1,
+        ("unmatched", "404"): 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code", "says"),
+    [
+        ("GET", "/v1/nothing", 404, "not_found", "nothing is served at /v1/nothing"),
+        ("GET", f"{DEMO_ASSETS}/missing.js", 404, "not_found", f"{DEMO_ASSETS}/missing.js"),
+        (
+            "GET",
+            "/v1/expressions",
+            405,
+            "method_not_allowed",
+            "GET is not allowed on /v1/expressions; use POST",
+        ),
+        ("DELETE", "/livez", 405, "method_not_allowed", "use GET"),
+        ("POST", f"{DEMO_ASSETS}/demo.js", 405, "method_not_allowed", "use GET, HEAD"),
+    ],
+)
+def test_unknown_paths_and_wrong_methods_get_json_errors_that_say_what_to_use(
+    client, method, path, status, code, says
+) -> None:
+    response = client.request(method, path)
+    assert_error(response, status, code)
+    assert says in response.json()["error"]["message"]
+    if status == 405:
+        assert response.headers["allow"]
 
 
 def test_openapi_documents_both_request_bodies(client) -> None:

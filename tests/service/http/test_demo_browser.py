@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from live_server import REPO, live_server
@@ -47,6 +48,18 @@ def hex_rgb(colour: str) -> np.ndarray:
     return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
 
 
+def points_share(shot: Path, image_width: int, points: list[list[float]], colour: str) -> float:
+    """Share of `points` (image pixels) that show `colour` within 2 screen pixels in the screenshot."""
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    scale = pixels.shape[1] / image_width
+    near = []
+    for x, y in points:
+        col, row = round(x * scale), round(y * scale)
+        patch = pixels[row - 2 : row + 3, col - 2 : col + 3].reshape(-1, 3)
+        near.append(np.abs(patch - hex_rgb(colour)).sum(axis=1).min() < 60)
+    return float(np.mean(near))
+
+
 def box_edge_share(shot: Path, image_width: int, box: dict, colour: str) -> float:
     """Share of the left edge of `box` (image pixels) that shows `colour` in the screenshot."""
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
@@ -71,8 +84,9 @@ def playwright():
         yield driver
 
 
-def open_page(browser, base: str, requests: list[str]):
-    context = browser.new_context(viewport={"width": 1000, "height": 1200}, permissions=["camera"])
+def open_page(browser, base: str, requests: list[str], viewport: tuple[int, int] = (1000, 1200)):
+    width, height = viewport
+    context = browser.new_context(viewport={"width": width, "height": height}, permissions=["camera"])
     page = context.new_page()
     page.on("request", lambda request: requests.append(request.url))
     page.goto(base + "/")
@@ -83,6 +97,19 @@ def open_page(browser, base: str, requests: list[str]):
 def assert_local(requests: list[str], base: str) -> None:
     outside = [url for url in requests if not url.startswith((base, "ws://127.0.0.1", "data:", "blob:"))]
     assert requests and not outside, outside
+
+
+def upload(page, photo: Path = SAMPLE) -> dict:
+    """Pick `photo` in the upload input and wait for the page's answer to it."""
+    page.evaluate("window.fermamDemo.photoResult = null")
+    page.set_input_files("#photo", str(photo))
+    page.wait_for_function("window.fermamDemo.photoResult !== null || window.fermamDemo.errors.length > 0")
+    assert page.evaluate("window.fermamDemo.errors") == []
+    return page.evaluate("window.fermamDemo.photoResult")
+
+
+def expression_posts(requests: list[str]) -> int:
+    return sum(url.endswith("/v1/expressions") for url in requests)
 
 
 def test_uploaded_photo_is_drawn_with_its_box_and_bars(server, playwright, tmp_path) -> None:
@@ -148,5 +175,61 @@ def test_swagger_ui_renders_the_schema_with_no_request_leaving_the_server(server
         page.wait_for_selector('[data-path="/v1/expressions"]', timeout=60_000)
         assert "fermam-service" in page.inner_text(".swagger-ui .info")
         assert_local(requests, server)
+    finally:
+        browser.close()
+
+
+def test_ticking_landmarks_after_an_upload_redraws_the_photo_with_them(server, playwright, tmp_path) -> None:
+    # Where the landmarks are, asked of the server directly: the page may not have asked for them.
+    files = [("files", (SAMPLE.name, SAMPLE.read_bytes(), "image/jpeg"))]
+    truth = httpx.post(server + "/v1/expressions", files=files, timeout=120).json()["images"][0]
+    (face,) = truth["faces"]
+    inner = face["landmarks"][27:]  # nose, eyes and mouth: away from the box's edges and the bars
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    try:
+        requests: list[str] = []
+        page = open_page(browser, server, requests)
+        assert not page.is_checked("#landmarks")
+        upload(page)
+        shares = []
+        for ticked in (False, True, False):
+            page.set_checked("#landmarks", ticked)
+            shot = tmp_path / f"landmarks-{len(shares)}.png"
+            page.locator("#view").screenshot(path=str(shot))
+            shares.append(points_share(shot, truth["width"], inner, PALETTE[0]))
+        assert shares[0] < 0.2 and shares[1] > 0.9 and shares[2] < 0.2, shares
+        assert expression_posts(requests) == 1  # redrawn from the last result, not asked again
+    finally:
+        browser.close()
+
+
+def test_picking_the_same_photo_again_sends_it_again(server, playwright) -> None:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    try:
+        requests: list[str] = []
+        page = open_page(browser, server, requests)
+        for picked in (1, 2):
+            upload(page)
+            assert expression_posts(requests) == picked
+            # What lets the browser's file dialog fire `change` for the same file again.
+            assert page.evaluate("document.getElementById('photo').value") == ""
+    finally:
+        browser.close()
+
+
+def test_a_portrait_photo_is_drawn_whole_within_the_window(server, playwright) -> None:
+    window = (1440, 900)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    try:
+        page = open_page(browser, server, [], viewport=window)
+        image = upload(page)["images"][0]
+        assert image["height"] > image["width"]  # the sample is a portrait
+        shown = page.locator("#view").evaluate(
+            "(view) => { const r = view.getBoundingClientRect();"
+            " return {top: r.top, bottom: r.bottom, width: r.width, height: r.height}; }"
+        )
+        assert shown["bottom"] <= window[1], shown
+        assert shown["width"] / shown["height"] == pytest.approx(image["width"] / image["height"], rel=0.01)
+        assert shown["height"] >= window[1] - shown["top"] - 40, shown  # as large as the window allows
     finally:
         browser.close()

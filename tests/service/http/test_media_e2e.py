@@ -115,6 +115,17 @@ def test_video_gives_one_timeline_per_person(server, tmp_path) -> None:
         assert track.timeline[-1].face.box.x > track.timeline[0].face.box.x
 
 
+def test_the_shipped_sample_clip_gives_one_track_as_the_readme_example_says(server) -> None:
+    # The README's client example, on the clip samples/README.md says how to make.
+    with Client(server, api_key=KEY, timeout_s=300) as client:
+        result = client.video(REPO / "samples" / "grace_hopper.mp4", fps=2, timeout_s=110)
+    assert result.video["duration_s"] == pytest.approx(3.0, abs=0.15)
+    assert result.video["frames_sampled"] == result.video["frames_with_faces"] == 6
+    (track,) = result.tracks
+    assert track.frames == 6 and (track.first_s, track.last_s) == pytest.approx((0.0, 2.5))
+    assert track.timeline[-1].face.box.x < track.timeline[0].face.box.x  # the window pans right
+
+
 def test_video_limits_and_bad_input(server, tmp_path) -> None:
     headers = {"X-API-Key": KEY}
     long_clip = make_clip(frames_of(NO_FACE, 12, shift_px=0, size=(64, 48)), fps=2)  # 6 s > 5 s

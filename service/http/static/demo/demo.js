@@ -44,10 +44,28 @@
 
   // -- drawing --------------------------------------------------------------------------------
 
+  // The canvas holds the image at its own pixels; on screen it is scaled to fit both the page's
+  // width and the window's height below the canvas's top, so a portrait photo is seen whole.
+  const BOTTOM_MARGIN_PX = 16;
+  function fitCanvas() {
+    const room = canvas.parentElement.clientWidth;
+    const top = canvas.getBoundingClientRect().top + window.scrollY;
+    const tall = Math.max(window.innerHeight - top - BOTTOM_MARGIN_PX, window.innerHeight / 2);
+    const scale = Math.min(room / canvas.width, tall / canvas.height);
+    canvas.style.width = `${Math.floor(canvas.width * scale)}px`;
+    canvas.style.height = `${Math.floor(canvas.height * scale)}px`;
+  }
+
+  // Landmarks always come with a result and are drawn only while the box is ticked, so ticking
+  // it redraws the last photo rather than asking the server again.
+  const showLandmarks = () => $("landmarks").checked;
+  let lastPhoto = null; // {bitmap, image} of the photo on the canvas
+
   function drawFaces(source, width, height, faces) {
     if (canvas.width !== width || canvas.height !== height) {
       canvas.width = width;
       canvas.height = height;
+      fitCanvas();
     }
     ctx.drawImage(source, 0, 0, width, height);
     const unit = Math.max(1, Math.round(Math.max(width, height) / 400));
@@ -61,7 +79,7 @@
     ctx.lineWidth = 2 * unit;
     ctx.strokeStyle = colour;
     ctx.strokeRect(x, y, width, height);
-    if (face.landmarks) {
+    if (face.landmarks && showLandmarks()) {
       ctx.fillStyle = colour;
       for (const [px, py] of face.landmarks) ctx.fillRect(px - unit, py - unit, 2 * unit, 2 * unit);
     }
@@ -99,11 +117,12 @@
   async function analysePhoto(file) {
     stopCamera();
     demo.mode = "photo";
+    lastPhoto = null;
     setStatus(`analysing ${file.name}...`);
     const form = new FormData();
     form.append("files", file, file.name);
     form.append("top_k", "3");
-    form.append("return_landmarks", $("landmarks").checked ? "true" : "false");
+    form.append("return_landmarks", "true");
     try {
       const [response, bitmap] = await Promise.all([
         fetch("/v1/expressions", { method: "POST", body: form, headers: headers() }),
@@ -112,6 +131,7 @@
       const body = await response.json();
       if (!response.ok) throw new Error(`${response.status} ${body.error.code}: ${body.error.message}`);
       const image = body.images[0];
+      lastPhoto = { bitmap, image };
       drawFaces(bitmap, image.width, image.height, image.faces);
       demo.photoResult = body;
       const summary = image.faces.map((f) => f.expression).join(", ") || "no face found";
@@ -140,7 +160,7 @@
     }
     video.srcObject = stream;
     await video.play();
-    const query = new URLSearchParams({ top_k: "3", return_landmarks: $("landmarks").checked ? "true" : "false" });
+    const query = new URLSearchParams({ top_k: "3", return_landmarks: "true" });
     if (apiKey()) query.set("api_key", apiKey());
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     socket = new WebSocket(`${scheme}://${location.host}/v1/stream?${query}`);
@@ -211,8 +231,18 @@
 
   $("photo").addEventListener("change", (event) => {
     const file = event.target.files[0];
+    // Cleared, so that picking the same file again is a change and is sent again.
+    event.target.value = "";
     if (file) analysePhoto(file);
   });
+  $("landmarks").addEventListener("change", () => {
+    if (demo.mode === "photo" && lastPhoto) {
+      const { bitmap, image } = lastPhoto;
+      drawFaces(bitmap, image.width, image.height, image.faces);
+    }
+  });
+  window.addEventListener("resize", fitCanvas);
   $("camera").addEventListener("click", () => (stream ? (demo.mode = "idle", stopCamera()) : startCamera()));
+  fitCanvas();
   loadModel();
 })();
