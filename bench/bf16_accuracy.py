@@ -57,8 +57,8 @@ def val_arm(
 
 def photos_arm(folder: Path, *, bf16: bool, native: bool, limit: int | None) -> tuple[dict, float]:
     """The whole engine (dlib, alignment, FERMam) over realfaces-dev, scored by its README."""
+    from service.commands.photo_eval import evaluate_photos
     from service.engine.pipeline import Engine
-    from service.photo_eval import evaluate_photos
     from service.settings import Settings
 
     engine = Engine(Settings(dtype="bfloat16" if bf16 else "float32"))

@@ -46,7 +46,7 @@ def build(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     size = model.config.contract.input_size
     if name == "openvino-int8":
-        from service import quantize
+        from service.commands import quantize
         from service.engine.pipeline import file_sha256
 
         if not int8_path.is_file():

@@ -12,15 +12,21 @@ import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("service.serve", "run the HTTP service"),
-    "predict": ("service.predict", "faces and expressions of photos, locally; --annotate draws them"),
+    "serve": ("service.commands.serve", "run the HTTP service"),
+    "predict": (
+        "service.commands.predict",
+        "faces and expressions of photos, locally; --annotate draws them",
+    ),
     "train": ("model.train_cli", "train FERMam (or its landmark branch)"),
-    "eval": ("service.photo_eval", "score weights on an npz split, or the pipeline on photos"),
-    "calibrate": ("service.calibrate", "fit the score temperature and report calibration error"),
+    "eval": ("service.commands.photo_eval", "score weights on an npz split, or the pipeline on photos"),
+    "calibrate": ("service.commands.calibrate", "fit the score temperature and report calibration error"),
     "contract": ("model.contract_edit", "show a checkpoint's input contract, or write it changed"),
-    "quantize": ("service.quantize", "write an int8 OpenVINO file of a checkpoint (openvino-int8)"),
+    "quantize": ("service.commands.quantize", "write an int8 OpenVINO file of a checkpoint (openvino-int8)"),
     "complexity": ("model.complexity", "parameters and MACs per module"),
-    "pseudo-landmarks": ("service.pseudo_landmarks", "place 68-point pseudo-labels on training faces"),
+    "pseudo-landmarks": (
+        "service.commands.pseudo_landmarks",
+        "place 68-point pseudo-labels on training faces",
+    ),
 }
 
 

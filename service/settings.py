@@ -1,7 +1,7 @@
 """The one settings object of the service: every field an environment variable and a CLI flag.
 
 Precedence: `fermam serve --flag` > `FERMAM_FIELD` environment variable > default.
-The flags of `fermam serve` are generated from these fields (see `service/serve.py`), so the two
+The flags of `fermam serve` are generated from these fields (see `service/commands/serve.py`), so the two
 can never drift apart.
 """
 

@@ -8,7 +8,7 @@ temporary folder under the weights' sha256, never shipped beside the weights, so
 from them.
 
 `openvino-int8` is the one runtime whose file is made once, not at start: `fermam quantize`
-(service/quantize.py) runs NNCF's post-training quantisation on calibration faces and writes an
+(service/commands/quantize.py) runs NNCF's post-training quantisation on calibration faces and writes an
 OpenVINO IR that records the sha256 of the weights it came from; the engine refuses an IR made from
 other weights, so the int8 file cannot drift from the checkpoint either.
 

@@ -159,7 +159,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await trimmer.stop()
-            # After SIGTERM the deadline is already set (serve.py): these steps get what is left.
+            # After SIGTERM the deadline is already set (commands/serve.py): these steps get what is left.
             state.begin_drain()
             await state.wait_idle(state.drain_remaining_s())
             if state.engine is not None:

@@ -17,7 +17,7 @@ from model.checkpoint import load_checkpoint
 from model.data import load_npz, save_npz
 from model.train import template_from_pseudo_labels
 from model.train_cli import main as train_main
-from service.pseudo_landmarks import label_faces
+from service.commands.pseudo_landmarks import label_faces
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 VAL = SHARED / "data" / "ferplus" / "val.npz"

@@ -7,8 +7,8 @@ import typing
 import pytest
 from pydantic import ValidationError
 
+from service.commands.serve import build_parser
 from service.engine.faces.fan_backend import DETECTOR_FILES
-from service.serve import build_parser
 from service.settings import Settings
 
 

@@ -68,7 +68,7 @@ def int8_path(model_and_faces, raw_onnx_path: Path, tmp_path_factory) -> Path:
     """`fermam quantize` itself, on 64 FER+ train faces, with its --check on 256 val faces."""
     pytest.importorskip("nncf")
     pytest.importorskip("openvino")
-    from service import quantize
+    from service.commands import quantize
 
     out = tmp_path_factory.mktemp("int8") / "fermam.int8.xml"
     argv = ["--data", str(TRAIN), "--faces", "64", "--out", str(out), "--check", str(VAL)]

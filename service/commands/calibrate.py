@@ -23,8 +23,8 @@ def _photo_probabilities(
 ) -> tuple[np.ndarray, np.ndarray, float, dict[str, Any]]:
     """The engine's probabilities for the largest face of every photo with a face, with labels,
     the temperature those probabilities were made with, and the photos' whole-pipeline scores."""
+    from service.commands.photo_eval import evaluate_photos
     from service.engine.pipeline import Engine
-    from service.photo_eval import evaluate_photos
     from service.settings import Settings
 
     engine = Engine(Settings(weights=weights, device=device))

@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
 
 
 async def _run(args: argparse.Namespace, settings) -> int:
-    from service.annotate import annotate
+    from service.commands.annotate import annotate
     from service.engine.decode import decode_image
     from service.engine.pipeline import Engine, ImageRejected, RequestOptions
     from service.http.routes import _to_response  # the API's own JSON shape

@@ -9,8 +9,8 @@ import time
 
 import uvicorn
 
+from service.commands.serve import DrainingServer
 from service.http.app import create_app
-from service.serve import DrainingServer
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "samples" / "grace_hopper.jpg"
 GROUP = REPO / ".." / "shared" / "data" / "photos" / "2008_001322.jpg"  # three faces
 

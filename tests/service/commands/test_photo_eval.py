@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.photo_eval import evaluate_photos, read_manifest
+from service.commands.photo_eval import evaluate_photos, read_manifest
 
-DEV = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realfaces-dev"
+DEV = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "realfaces-dev"
 
 
 @pytest.fixture(scope="module")
