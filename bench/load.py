@@ -1,7 +1,7 @@
 """Load generator for the expression service, in the manner of perf_analyzer.
 
 Closed loop: N clients each send a request as soon as their previous one returns (a concurrency
-sweep); after a 429 or 503 a client first waits its Retry-After, as service/client.py does
+sweep); after a 429 or 503 a client first waits its Retry-After, as fermam_client does
 (`--retry-at-once` to send again at once). Open loop: requests leave at a constant arrival rate
 whatever the server does (so queueing shows up as latency, not as politely reduced load). Each
 run reports throughput, p50/p95/p99 latency, errors by status and the server's own queue /
@@ -123,7 +123,7 @@ async def closed_loop(
                 sample = await one_request(client, url, payload, filename)
                 result.samples.append(sample)
                 if honour_retry and sample.retry_after_s:
-                    # As service/client.py does: a client that retried a 429 at once would measure
+                    # As fermam_client does: a client that retried a 429 at once would measure
                     # the rejection path (and keep the queue estimate over its bound), not the service.
                     await asyncio.sleep(min(sample.retry_after_s, max(0.0, stop_at - time.perf_counter())))
 

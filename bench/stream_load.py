@@ -26,11 +26,11 @@ import httpx
 from machine import cpu_model  # bench/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "service"))
+sys.path.insert(0, str(REPO / "clients" / "python"))  # the client from this checkout, installed or not
 from media_clips import frames_of, jpeg  # noqa: E402  (real photos, panned)
 
-from service.client import AsyncClient, FrameResult  # noqa: E402
+from fermam_client import AsyncClient, FrameResult  # noqa: E402
 
 PHOTO = "obama.jpg"  # one face
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from media_clips import GROUP, NO_FACE, frames_of, jpeg, make_clip  # noqa: E402
 from server_process import start_server  # noqa: E402
 
-from service.client import (  # noqa: E402
+from fermam_client import (  # noqa: E402
     AsyncClient,
     Client,
     FermamError,

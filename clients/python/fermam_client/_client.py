@@ -1,8 +1,9 @@
 """Python client of fermam-service: sync (`Client`) and async (`AsyncClient`), on httpx and websockets.
 
-Imports neither torch nor the server, so it is light to use from a chatbot backend:
+It knows the HTTP API only and imports nothing of the server, so it is light to use from a chatbot
+backend:
 
-    from service.client import Client
+    from fermam_client import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as client:
         result = client.expressions(["photo.jpg"], top_k=2)
