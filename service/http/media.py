@@ -13,17 +13,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.engine.pipeline import InvalidRequest, RequestOptions
 from service.engine.stream import StreamLimits, StreamSession, parse_stream_options
-from service.engine.video import VideoOptions, VideoResult, analyse_video
+from service.engine.video import MIN_FPS, VideoOptions, VideoRejected, VideoResult, analyse_video
 from service.http import schemas
+from service.http.body import parse_multipart
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep, require_api_key
 from service.http.errors import ApiError, to_api_error
-from service.http.forms import validate_form
-from service.http.routes import _deadline, face_fields
+from service.http.forms import form_properties, validate_form
+from service.http.routes import _client_gone, _deadline, _wait_for_disconnect, face_fields
 
 router = APIRouter()
 log = logging.getLogger("fermam.http")
@@ -222,7 +223,12 @@ async def stream(websocket: WebSocket) -> None:
 class VideoForm(BaseModel):
     model_config = {"extra": "forbid"}
 
-    fps: float = Field(2.0, gt=0, description="Frames sampled per second of video (server cap).")
+    fps: float = Field(
+        2.0,
+        ge=MIN_FPS,
+        description=f"Frames sampled per second of video, from {MIN_FPS:g} (one per 100 s) to the "
+        "server's --video-max-fps (default 10).",
+    )
     max_faces: int | None = Field(None, ge=1)
     min_face_size: int | None = Field(None, ge=0)
     return_landmarks: bool = False
@@ -287,7 +293,7 @@ _VIDEO_BODY = {
                 "required": ["file"],
                 "properties": {
                     "file": {"type": "string", "format": "binary"},
-                    **VideoForm.model_json_schema()["properties"],
+                    **form_properties(VideoForm),
                 },
             }
         }
@@ -324,12 +330,23 @@ async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoR
     """
     settings = state.settings
     deadline = _deadline(request, settings.default_timeout_ms, settings.max_timeout_ms)
-    try:
-        form = await request.form(max_files=2, max_fields=20, max_part_size=64 * 1024)
-    except StarletteHTTPException as error:
-        raise ApiError(400, "invalid_request", f"malformed multipart body: {error.detail}") from None
     state.work_started()
+    form = None
     try:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            raise ApiError(422, "invalid_request", "no video: send multipart/form-data with a 'file' part")
+        try:
+            # The video limit holds while the body streams in: a 200 MB upload is refused at the
+            # chunk that crosses --video-max-bytes, not read whole first.
+            form = await parse_multipart(
+                request, settings, max_file_bytes=settings.video_max_bytes, file_kind="video"
+            )
+        except ClientDisconnect:
+            raise _client_gone(state) from None
+        except ApiError as error:
+            if error.status == 413:
+                state.metrics.reject("too_large")
+            raise
         upload, fields = None, {}
         for key, value in form.multi_items():
             if key == "file" and isinstance(value, UploadFile) and upload is None:
@@ -341,11 +358,6 @@ async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoR
         if upload is None:
             raise ApiError(422, "invalid_request", "no video: add a 'file' part")
         form_options = validate_form(fields, VideoForm)
-        if upload.size is not None and upload.size > settings.video_max_bytes:
-            state.metrics.reject("too_large")
-            raise ApiError(
-                413, "too_large", f"video of {upload.size} bytes; the limit is {settings.video_max_bytes}"
-            )
         options = VideoOptions(
             fps=form_options.fps,
             request=RequestOptions(
@@ -358,11 +370,54 @@ async def videos(request: Request, state: StateDep, engine: EngineDep) -> VideoR
             if form_options.smoothing_tau_ms is None
             else form_options.smoothing_tau_ms,
         )
-        result = await analyse_video(engine, upload.file, options, deadline)
+        result = await _analyse_unless_disconnected(request, engine, upload.file, options, deadline, state)
     finally:
         state.work_finished()
-        await form.close()
+        if form is not None:
+            await form.close()
     return _video_response(engine.info, result)
+
+
+async def _analyse_unless_disconnected(
+    request: Request, engine: Any, source: Any, options: VideoOptions, deadline: float, state: ServiceState
+) -> VideoResult:
+    """Analyse the video, but stop decoding (and drop its queued frames) if the client leaves, or
+    when a drain reaches its deadline: answered 503 then, where uvicorn would cancel the request
+    (a 500 and a traceback)."""
+    work = asyncio.ensure_future(analyse_video(engine, source, options, deadline))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    drain = asyncio.ensure_future(_drain_deadline(state))
+    try:
+        done, _ = await asyncio.wait({work, watcher, drain}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work  # the decode stops at its next frame
+            if watcher in done:
+                raise _client_gone(state)
+            state.metrics.reject("shutdown")
+            raise ApiError(
+                503, "not_ready", "the server shut down before the video was done; retry elsewhere"
+            )
+        try:
+            return work.result()
+        except VideoRejected as error:
+            if error.code in {"too_large", "too_long"}:
+                state.metrics.reject("too_large")
+            raise
+    finally:
+        watcher.cancel()
+        drain.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+
+
+async def _drain_deadline(state: ServiceState) -> None:
+    """Returns when the server is draining and its drain deadline has come."""
+    await state.drain_started.wait()
+    await asyncio.sleep(state.drain_remaining_s())
 
 
 def _video_response(info: Any, result: VideoResult) -> VideoResponse:
