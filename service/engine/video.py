@@ -42,6 +42,8 @@ MIN_FPS = 0.01
 # keyframe interval seen so far (a seek lands on the keyframe before its target: seeking across
 # less than a keyframe interval could land behind the current frame and decode frames twice).
 SEEK_MIN_GAP_S = 1.0
+# Pixels of sampled frames in the engine at once: four 4K frames (8 640x480 frames fill a batch).
+WINDOW_PIXELS = 4 * 3840 * 2160
 # Decoder threads: FFmpeg's "auto" starts one frame thread per core, each holding its own frames
 # (1.45 GB for a 4K stream on 16 cores); a sampled video is bounded by the engine, not by decoding.
 DECODE_THREADS = 2
@@ -265,8 +267,10 @@ async def analyse_video(
     stop = threading.Event()
     sampler = await asyncio.to_thread(_Sampler, source, options.fps, settings, deadline=deadline, stop=stop)
     frames = sampler.frames()
-    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory.
-    window = max(2, settings.detect_max_batch_size)
+    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory:
+    # by count, and by pixels (each frame in flight holds its RGB copy and the engine's decode).
+    frame_pixels = max(1, sampler.width * sampler.height)
+    window = max(2, min(settings.detect_max_batch_size, WINDOW_PIXELS // frame_pixels))
     pending: list[tuple[float, asyncio.Task[InferenceResult]]] = []
     done: list[tuple[float, InferenceResult]] = []
     decode_s = 0.0

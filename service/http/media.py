@@ -186,7 +186,7 @@ async def stream(websocket: WebSocket) -> None:
     close_code: int | None = None
     try:
         reason = await session.serve(receive)
-    except (WebSocketDisconnect, RuntimeError):
+    except (WebSocketDisconnect, RuntimeError, OSError):  # uvicorn's ClientDisconnected is an OSError
         reason = None  # the socket went away while we sent
     finally:
         metrics.stream_sessions_open.dec()
