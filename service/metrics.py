@@ -37,6 +37,11 @@ REJECTION_REASONS = (
     "shutdown",
 )
 SKIP_REASONS = ("cancelled", "deadline", "shutdown")
+# WS /v1/stream: why frames were dropped unanswered (docs/streaming.md; `closed`: queued when the
+# socket went away), and how sessions ended (`disconnect`: the client left; `stalled`: it stopped
+# taking replies and was cut off).
+STREAM_DROP_REASONS = ("backpressure", "rate_limit", "max_duration", "shutdown", "closed")
+STREAM_END_REASONS = ("client_end", "max_duration", "shutdown", "disconnect", "stalled")
 
 
 class ServiceMetrics:
@@ -97,6 +102,56 @@ class ServiceMetrics:
             "fermam_batch_items_skipped",
             "Queued items (images or faces) a stage dropped without computing them, by reason.",
             ["stage", "reason"],
+            registry=r,
+        )
+        # -- streams and videos ------------------------------------------------------------------
+        self.stream_sessions_open = Gauge(
+            "fermam_stream_sessions_open", "WS /v1/stream sessions open now.", registry=r
+        )
+        self.stream_sessions = Counter(
+            "fermam_stream_sessions", "WS /v1/stream sessions ended, by reason.", ["reason"], registry=r
+        )
+        for reason in STREAM_END_REASONS:
+            self.stream_sessions.labels(reason)
+        self.stream_frames_received = Counter(
+            "fermam_stream_frames_received", "Frames received on WS /v1/stream.", registry=r
+        )
+        self.stream_frames_answered = Counter(
+            "fermam_stream_frames_answered", "Stream frames answered with a result.", registry=r
+        )
+        self.stream_frames_dropped = Counter(
+            "fermam_stream_frames_dropped",
+            "Stream frames dropped unanswered, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in STREAM_DROP_REASONS:
+            self.stream_frames_dropped.labels(reason)
+        self.stream_frame_errors = Counter(
+            "fermam_stream_frame_errors",
+            "Stream frames answered with an error instead of a result, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.stream_frame_latency = Histogram(
+            "fermam_stream_frame_latency_seconds",
+            "Time from a stream frame's arrival to its result.",
+            buckets=REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.videos = Counter(
+            "fermam_videos", "Videos decoded to their end (POST /v1/videos answered 200).", registry=r
+        )
+        self.video_frames_decoded = Counter(
+            "fermam_video_frames_decoded", "Video frames decoded (sampled or not).", registry=r
+        )
+        self.video_frames_sampled = Counter(
+            "fermam_video_frames_sampled", "Video frames sampled and sent through the engine.", registry=r
+        )
+        self.video_decode = Histogram(
+            "fermam_video_decode_seconds",
+            "Time spent decoding one video (its sampled frames' engine time excluded).",
+            buckets=REQUEST_BUCKETS_S,
             registry=r,
         )
         self.model_info = Info("fermam_model", "The loaded model and face backend.", registry=r)

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         description="File of API keys (one per line or comma-separated; # comments), added to api_keys; "
         "keeps keys out of the process list.",
     )
+    docs_access: Literal["public", "api_key", "off"] = Field(
+        "public",
+        description="/docs, /redoc and /openapi.json: public (the default, even with api_keys: the "
+        "schema holds no secret), api_key (they need a key like /v1 routes), or off (404).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
     # -- models ----------------------------------------------------------------------------------
@@ -185,6 +190,18 @@ class Settings(BaseSettings):
         le=64,
         description="WS /v1/stream: unprocessed frames held per session; more drop the oldest.",
     )
+    stream_send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="WS /v1/stream: longest wait for the client to take a reply; a client that stops "
+        "reading is then disconnected.",
+    )
+    stream_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="WS /v1/stream: comma-separated browser origins (scheme://host[:port]) allowed "
+        "to open a stream besides the server's own; * allows any. Handshakes without an Origin "
+        "(non-browser clients) are always allowed.",
+    )
     stream_smoothing_tau_ms: float = Field(
         500.0, ge=0, description="Default time constant of the per-track expression smoothing (EMA), ms."
     )
@@ -201,7 +218,7 @@ class Settings(BaseSettings):
     )
     video_max_fps: float = Field(10.0, gt=0, description="POST /v1/videos: highest sampling rate, frames/s.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "stream_allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -15,6 +15,8 @@ import binascii
 import contextlib
 import dataclasses
 import json
+import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -41,6 +43,14 @@ PROTOCOL_VERSION = 1
 # How often an idle session checks its duration limit and the server's drain flag.
 POLL_S = 0.25
 FRAME_ERRORS = (ImageRejected, InvalidRequest, QueueFull, DeadlineExceeded)
+# A reply lists at most this many dropped frames (the most recent); `dropped_counts` counts all, so a
+# flood of frames over the rate limit costs counters, not a list that grows until the next reply.
+MAX_DROPPED_LISTED = 32
+# Open tracks a session keeps at most, per face a frame may hold: a client whose timestamps never
+# advance (so no track ever expires) cannot grow the tracker without bound.
+TRACKS_PER_FACE = 4
+
+log = logging.getLogger("fermam.stream")
 
 Receive = Callable[[], Awaitable[bytes | str | None]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -55,6 +65,8 @@ class StreamLimits:
     queue_frames: int
     track_ttl_ms: float
     frame_timeout_s: float
+    # The longest a reply may wait for the peer to take it; a client that stops reading is cut off.
+    send_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamLimits:
@@ -65,6 +77,7 @@ class StreamLimits:
             queue_frames=settings.stream_queue_frames,
             track_ttl_ms=settings.stream_track_ttl_ms,
             frame_timeout_s=settings.default_timeout_ms / 1000.0,
+            send_timeout_s=settings.stream_send_timeout_s,
         )
 
 
@@ -106,6 +119,24 @@ def parse_stream_options(params: Mapping[str, str], settings: Settings) -> Strea
         top_k=number("top_k", int, 1, 64),
     )
     return StreamOptions(request, settings.stream_smoothing_tau_ms if tau is None else tau)
+
+
+class PeerStalled(Exception):
+    """A reply could not be handed to the peer within `send_timeout_s`: it stopped reading."""
+
+
+def json_frame_limit(max_frame_bytes: int) -> int:
+    """Longest text message that can hold a frame of `max_frame_bytes` (base64 plus the JSON
+    around it): a longer one is refused before it is parsed."""
+    return (max_frame_bytes + 2) // 3 * 4 + 4096
+
+
+def _client_timestamp(value: Any) -> float | None:
+    """A finite JSON number (not true/false), or None if the message's `timestamp_ms` is invalid."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    stamp = float(value)  # an int beyond a float's range overflows to inf
+    return stamp if math.isfinite(stamp) else None
 
 
 @dataclass
@@ -176,6 +207,7 @@ class StreamSession:
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.engine = engine
+        self.metrics = getattr(engine, "metrics", None)
         self.options = options
         self.limits = limits
         self.session_id = uuid.uuid4().hex
@@ -186,17 +218,24 @@ class StreamSession:
         self._started = time.monotonic()
         self._queue: deque[_Frame] = deque()
         self._wakeup = asyncio.Event()
-        self._tracker = FaceTracker(tau_ms=options.tau_ms, ttl_ms=limits.track_ttl_ms)
+        max_faces = options.request.max_faces or engine.settings.max_faces
+        self._tracker = FaceTracker(
+            tau_ms=options.tau_ms, ttl_ms=limits.track_ttl_ms, max_open=TRACKS_PER_FACE * max_faces
+        )
         self._tokens = max(1.0, limits.max_fps)
         self._tokens_at = self._started
-        self._dropped: list[dict[str, Any]] = []
+        # Frames dropped since the last reply: the most recent listed, all counted by reason.
+        self._dropped: deque[dict[str, Any]] = deque(maxlen=MAX_DROPPED_LISTED)
+        self._dropped_counts: dict[str, int] = {}
         self._current: asyncio.Task[InferenceResult] | None = None
         self._last_ts: float | None = None
         self._ending = False
         self._closed = False
         self.frames_received = 0
         self.frames_processed = 0
+        self.frames_refused = 0  # frames answered with an error instead of a result
         self.dropped_total = 0
+        self.stalled = False  # the peer stopped taking replies (see PeerStalled)
 
     # -- messages ---------------------------------------------------------------------------------
 
@@ -225,13 +264,27 @@ class StreamSession:
         }
 
     async def _send(self, message: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self._send_raw(message)
+        """Send, or raise PeerStalled once the peer has not taken it within `send_timeout_s`
+        (the lock counts: a reply waits behind one stuck sending)."""
+
+        async def locked() -> None:
+            async with self._send_lock:
+                await self._send_raw(message)
+
+        try:
+            await asyncio.wait_for(locked(), self.limits.send_timeout_s)
+        except TimeoutError:
+            self.stalled = True
+            raise PeerStalled(f"the client took no reply for {self.limits.send_timeout_s:g} s") from None
 
     def _now_ms(self) -> float:
         return (time.monotonic() - self._started) * 1000.0
 
     async def _error(self, code: str, message: str, frame_id: int | None) -> None:
+        if frame_id is not None:
+            self.frames_refused += 1
+            if self.metrics is not None:
+                self.metrics.stream_frame_errors.labels(code).inc()
         await self._send({"type": "error", "code": code, "message": message, "frame_id": frame_id})
 
     # -- frames in --------------------------------------------------------------------------------
@@ -239,17 +292,28 @@ class StreamSession:
     async def offer(self, message: bytes | str) -> None:
         """One client message: a binary frame, a JSON frame, or `end`."""
         if isinstance(message, bytes):
+            self._count_received()
             await self._offer_frame(message, None)
+            return
+        if len(message) > json_frame_limit(self.limits.max_frame_bytes):
+            # Not parsed: a 16 MB text message of JSON would cost hundreds of MB as Python objects.
+            self._count_received()
+            frame_id = self.frames_received
+            self.frames_received += 1
+            await self._error(
+                "too_large", f"message longer than a frame of {self.limits.max_frame_bytes} bytes", frame_id
+            )
             return
         try:
             parsed = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             parsed = None
         kind = parsed.get("type") if isinstance(parsed, dict) else None
         if kind == "end":
             self._ending = True
             self._wakeup.set()
         elif kind == "frame":
+            self._count_received()
             await self._offer_json_frame(parsed)
         else:
             await self._error(
@@ -258,11 +322,12 @@ class StreamSession:
 
     async def _offer_json_frame(self, parsed: dict[str, Any]) -> None:
         frame_id = self.frames_received
-        data, stamp = parsed.get("data"), parsed.get("timestamp_ms")
-        if not isinstance(data, str) or (stamp is not None and not isinstance(stamp, int | float)):
+        data, raw_stamp = parsed.get("data"), parsed.get("timestamp_ms")
+        stamp = None if raw_stamp is None else _client_timestamp(raw_stamp)
+        if not isinstance(data, str) or (raw_stamp is not None and stamp is None):
             self.frames_received += 1
             await self._error(
-                "invalid_request", "'data' must be base64 text, 'timestamp_ms' a number", frame_id
+                "invalid_request", "'data' must be base64 text, 'timestamp_ms' a finite number", frame_id
             )
             return
         text = data.partition(",")[2] if data.startswith("data:") else data
@@ -276,7 +341,7 @@ class StreamSession:
             self.frames_received += 1
             await self._error("invalid_request", "'data' is not valid base64", frame_id)
             return
-        await self._offer_frame(raw, None if stamp is None else float(stamp))
+        await self._offer_frame(raw, stamp)
 
     async def _offer_frame(self, data: bytes, timestamp_ms: float | None) -> None:
         frame_id = self.frames_received
@@ -317,10 +382,26 @@ class StreamSession:
 
     def _drop(self, frame_id: int, reason: str) -> None:
         self._dropped.append({"frame_id": frame_id, "reason": reason})
+        self._dropped_counts[reason] = self._dropped_counts.get(reason, 0) + 1
         self.dropped_total += 1
+        if self.metrics is not None:
+            self.metrics.stream_frames_dropped.labels(reason).inc()
+
+    def _take_dropped(self) -> dict[str, Any]:
+        """The reply fields of the frames dropped since the last reply; starts the next count."""
+        fields = {"dropped": list(self._dropped), "dropped_counts": dict(self._dropped_counts)}
+        self._dropped.clear()
+        self._dropped_counts = {}
+        return fields
+
+    def _count_received(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_frames_received.inc()
 
     def close(self) -> None:
         """The socket is gone: free its queued frames and its frame in the engine."""
+        if not self._closed and self.metrics is not None and self._queue:
+            self.metrics.stream_frames_dropped.labels("closed").inc(len(self._queue))
         self._closed = True
         self._queue.clear()
         if self._current is not None:
@@ -330,15 +411,20 @@ class StreamSession:
     # -- the session ------------------------------------------------------------------------------
 
     async def serve(self, receive: Receive) -> str | None:
-        """Run until the session ends; the end reason, or None if the client went away."""
-        await self._send(self.hello())
-        reader = asyncio.ensure_future(self._read(receive))
+        """Run until the session ends; the end reason, or None if the client went away or stopped
+        taking replies (`stalled` then says which)."""
+        reader: asyncio.Future[None] | None = None
         try:
+            await self._send(self.hello())
+            reader = asyncio.ensure_future(self._read(receive))
             return await self._process()
+        except PeerStalled:
+            return None
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
             self.close()
 
     async def _read(self, receive: Receive) -> None:
@@ -347,7 +433,15 @@ class StreamSession:
                 message = await receive()
                 if message is None:
                     break
-                await self.offer(message)
+                try:
+                    await self.offer(message)
+                except PeerStalled:
+                    break
+                except Exception:  # a bug in reading one message must not drop the socket unannounced
+                    log.exception("stream %s: a client message could not be handled", self.session_id)
+                    await self._error("internal", "internal error; it was logged", None)
+        except PeerStalled:
+            pass
         finally:
             self.close()
 
@@ -378,9 +472,18 @@ class StreamSession:
 
     async def _run_frame(self, frame: _Frame) -> None:
         deadline = time.monotonic() + self.limits.frame_timeout_s
-        self._current = asyncio.ensure_future(self.engine.infer([frame.data], self.options.request, deadline))
+        self._current = current = asyncio.ensure_future(
+            self.engine.infer([frame.data], self.options.request, deadline)
+        )
         try:
-            result = await self._current
+            # The session's length holds even while a frame is in the engine.
+            remaining = self._started + self.limits.max_session_s - time.monotonic()
+            done, _ = await asyncio.wait({current}, timeout=max(0.0, remaining))
+            if not done:
+                current.cancel()
+                self._drop(frame.frame_id, "max_duration")
+                return
+            result = current.result()
         except asyncio.CancelledError:
             if self._closed:
                 return
@@ -393,9 +496,15 @@ class StreamSession:
             await self._error(code, message, frame.frame_id)
             return
         finally:
+            if not current.done():
+                current.cancel()
             self._current = None
         self.frames_processed += 1
-        await self._send(self._result(frame, result))
+        reply = self._result(frame, result)
+        if self.metrics is not None:
+            self.metrics.stream_frames_answered.inc()
+            self.metrics.stream_frame_latency.observe(time.monotonic() - frame.arrived)
+        await self._send(reply)
 
     def _result(self, frame: _Frame, result: InferenceResult) -> dict[str, Any]:
         (image,) = result.images
@@ -407,7 +516,6 @@ class StreamSession:
             entry = {"track_id": tracked.track_id, **face_json(face)}
             entry["smoothed"] = {"expression": max(smoothed, key=smoothed.__getitem__), "scores": smoothed}
             faces.append(entry)
-        dropped, self._dropped = self._dropped, []
         t = result.timings
         return {
             "type": "result",
@@ -417,7 +525,7 @@ class StreamSession:
             "height": image.height,
             "faces": faces,
             "events": [event_json(e) for e in update.events],
-            "dropped": dropped,
+            **self._take_dropped(),
             "dropped_total": self.dropped_total,
             "timings": {
                 "queue_ms": t.queue_s * 1000,
@@ -437,7 +545,8 @@ class StreamSession:
                 "reason": reason,
                 "frames_received": self.frames_received,
                 "frames_processed": self.frames_processed,
-                "dropped": self._dropped,
+                "frames_refused": self.frames_refused,
+                **self._take_dropped(),
                 "dropped_total": self.dropped_total,
                 "events": [event_json(e) for e in self._tracker.close()],
             }

@@ -105,10 +105,15 @@ class FrameUpdate:
 class FaceTracker:
     """Assigns track ids to each frame's face boxes; frames must come in timestamp order."""
 
-    def __init__(self, *, tau_ms: float, ttl_ms: float, min_iou: float = MIN_IOU) -> None:
+    def __init__(
+        self, *, tau_ms: float, ttl_ms: float, min_iou: float = MIN_IOU, max_open: int | None = None
+    ) -> None:
         self.tau_ms = tau_ms
         self.ttl_ms = ttl_ms
         self.min_iou = min_iou
+        # Most tracks kept open: beyond it the longest unmatched are ended (`lost`) early, so frames
+        # whose timestamps never advance (no track ever expires) cannot grow the tracker.
+        self.max_open = max_open
         self.tracks: dict[int, Track] = {}
         self._next_id = 1
 
@@ -147,6 +152,13 @@ class FaceTracker:
             faces.append(TrackedFace(track.track_id, track.smoother.update(probs, timestamp_ms).copy()))
         for track in list(self.tracks.values()):
             if timestamp_ms - track.last_ms > self.ttl_ms:
+                events.append(self._end(track, "lost"))
+        if self.max_open is not None and len(self.tracks) > self.max_open:
+            stale = sorted(
+                (t for t in self.tracks.values() if t.last_frame != frame_id),
+                key=lambda t: (t.last_ms, t.last_frame),
+            )
+            for track in stale[: len(self.tracks) - self.max_open]:
                 events.append(self._end(track, "lost"))
         return FrameUpdate(faces, events)
 

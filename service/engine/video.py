@@ -4,13 +4,22 @@ PyAV (FFmpeg in its wheels) decodes; each sampled frame goes through `Engine.inf
 uploaded photo, several at a time so the batchers can group them; the tracker then walks the
 frames in time order. Frames are handed to the engine as BMP (a header on the raw pixels: no
 compression cost, lossless) or, when that would exceed the image byte limit, as JPEG.
+
+Decoding costs what is sampled, not what the file holds (issue 23: a 1.27 MB file of 290 s of
+4K at 60 fps sampled at fps=1e-300 decoded for 82 s): the declared frame size is checked against
+`max_image_pixels` before any frame is decoded; decoding stops once the next sample time lies past
+the declared duration; a gap between samples longer than the keyframe interval seen so far is
+crossed by seeking to the keyframe before the next sample instead of decoding every frame of it;
+and the deadline and the caller's cancellation are checked between any two decoded frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +29,28 @@ import av
 import numpy as np
 from PIL import Image
 
+from service.engine.batcher import DeadlineExceeded
 from service.engine.pipeline import Engine, FaceResult, InferenceResult, RequestOptions
 from service.engine.tracking import FaceTracker
 from service.settings import Settings
 
 BMP_HEADER_BYTES = 54
 JPEG_QUALITY = 92
+# The lowest sampling rate: one frame per 100 s (the answer's first frame is always sampled).
+MIN_FPS = 0.01
+# Seek across a gap between samples only if it is at least this long and longer than the
+# keyframe interval seen so far (a seek lands on the keyframe before its target: seeking across
+# less than a keyframe interval could land behind the current frame and decode frames twice).
+SEEK_MIN_GAP_S = 1.0
+# Pixels of sampled frames in the engine at once: four 4K frames (8 640x480 frames fill a batch).
+WINDOW_PIXELS = 4 * 3840 * 2160
+# Decoder threads: FFmpeg's "auto" starts one frame thread per core, each holding its own frames
+# (1.45 GB for a 4K stream on 16 cores); a sampled video is bounded by the engine, not by decoding.
+DECODE_THREADS = 2
+
+
+class _Stopped(Exception):
+    """The caller stopped the decode (cancelled: the client left or the server shut down)."""
 
 
 class VideoRejected(ValueError):
@@ -92,11 +117,27 @@ def _encode(pixels: np.ndarray, max_bytes: int) -> bytes:
 
 
 class _Sampler:
-    """Decodes the video lazily and yields (time_s, encoded frame) at the sampling rate."""
+    """Decodes the video lazily and yields (time_s, encoded frame) at the sampling rate.
 
-    def __init__(self, source: IO[bytes], fps: float, settings: Settings) -> None:
+    `frames()` runs on a worker thread and checks `stop` and `deadline` between decoded frames;
+    the caller never closes the generator while a thread is inside it (it sets `stop` and waits).
+    """
+
+    def __init__(
+        self,
+        source: IO[bytes],
+        fps: float,
+        settings: Settings,
+        *,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.fps = fps
         self.settings = settings
+        self.deadline = deadline
+        self.stop = stop or threading.Event()
+        self.frames_decoded = 0
+        self._can_seek = True
         try:
             self.container = av.open(source, mode="r")
         except (av.error.FFmpegError, ValueError, OSError) as error:
@@ -106,8 +147,16 @@ class _Sampler:
             raise VideoRejected("not_a_video", "the file has no video stream")
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"
+        self.stream.codec_context.thread_count = DECODE_THREADS
         self.width = int(self.stream.codec_context.width or 0)
         self.height = int(self.stream.codec_context.height or 0)
+        # The container's declared frame size, before a frame is decoded (a 174 KB file of
+        # 7680x7680 H.264 cost 650 MB of decoding before its 413); decoded frames are checked too.
+        try:
+            self._check_pixels(self.width, self.height)
+        except VideoRejected:
+            self.container.close()
+            raise
         rate = self.stream.average_rate
         self.source_fps = float(rate) if rate else None
         self.declared_s = self._declared_duration()
@@ -118,6 +167,19 @@ class _Sampler:
                 f"video of {self.declared_s:.1f} s; the limit is {settings.video_max_duration_s:g} s",
             )
         self.last_time_s = 0.0
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.settings.max_image_pixels:
+            raise VideoRejected(
+                "too_large",
+                f"video frames of {width}x{height} pixels; the limit is {self.settings.max_image_pixels}",
+            )
+
+    def _check_time(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("the request's deadline passed while the video was decoding")
 
     def _declared_duration(self) -> float | None:
         if self.stream.duration is not None and self.stream.time_base is not None:
@@ -130,52 +192,104 @@ class _Sampler:
         step = 1.0 / self.fps
         next_t: float | None = None
         start: float | None = None
+        last_key: float | None = None  # time of the last keyframe decoded
+        key_interval = math.inf  # the longest interval between two keyframes seen so far
         try:
-            for frame in self.container.decode(self.stream):
-                if frame.time is None:
-                    continue
-                start = frame.time if start is None else start
-                t = float(frame.time - start)
-                self.last_time_s = t
-                if t > self.settings.video_max_duration_s:
-                    raise VideoRejected(
-                        "too_long", f"video longer than the limit of {self.settings.video_max_duration_s:g} s"
-                    )
-                if next_t is not None and t + 1e-6 < next_t:
-                    continue
-                next_t = (math.floor(t / step + 1e-6) + 1) * step
-                pixels = frame.to_ndarray(format="rgb24")
-                yield t, _encode(pixels, self.settings.max_image_bytes)
+            while True:
+                seek_to: float | None = None
+                for frame in self.container.decode(self.stream):
+                    self._check_time()
+                    self.frames_decoded += 1
+                    if frame.time is None:
+                        continue
+                    start = frame.time if start is None else start
+                    t = float(frame.time - start)
+                    if frame.key_frame:
+                        if last_key is not None and t > last_key:
+                            gap = t - last_key
+                            key_interval = gap if math.isinf(key_interval) else max(key_interval, gap)
+                        last_key = t
+                    self.last_time_s = max(self.last_time_s, t)
+                    if t > self.settings.video_max_duration_s:
+                        raise VideoRejected(
+                            "too_long",
+                            f"video longer than the limit of {self.settings.video_max_duration_s:g} s",
+                        )
+                    if next_t is not None and t + 1e-6 < next_t:
+                        if self._can_seek and next_t - t > max(SEEK_MIN_GAP_S, key_interval):
+                            seek_to = next_t
+                            break
+                        continue
+                    self._check_pixels(frame.width, frame.height)
+                    next_t = (math.floor(t / step + 1e-6) + 1) * step
+                    pixels = frame.to_ndarray(format="rgb24")
+                    yield t, _encode(pixels, self.settings.max_image_bytes)
+                    if self.declared_s is not None and next_t > self.declared_s:
+                        return  # no sample time left: the rest of the file is not decoded
+                if seek_to is None or start is None:
+                    return
+                self._seek(start + seek_to)
+                last_key = None  # the next keyframe's distance to the last is not an interval
         except av.error.FFmpegError as error:
             raise VideoRejected("not_a_video", f"the video could not be decoded: {error}") from None
         finally:
             self.container.close()
 
+    def _seek(self, time_s: float) -> None:
+        """To the keyframe at or before `time_s` (stream time); the decoder's buffers are flushed.
+        Where the input cannot seek, decoding goes on frame by frame."""
+        try:
+            offset = int(time_s / self.stream.time_base)
+            self.container.seek(offset, backward=True, any_frame=False, stream=self.stream)
+        except (av.error.FFmpegError, OverflowError, ValueError, ZeroDivisionError, TypeError):
+            self._can_seek = False
+
 
 def _next_or_none(frames: Iterator[tuple[float, bytes]]) -> tuple[float, bytes] | None:
-    return next(frames, None)
+    try:
+        return next(frames, None)
+    except _Stopped:
+        return None
 
 
 async def analyse_video(
     engine: Engine, source: IO[bytes], options: VideoOptions, deadline: float | None = None
 ) -> VideoResult:
-    """Tracks and per-frame expressions of a video. Raises VideoRejected and the engine's errors."""
+    """Tracks and per-frame expressions of a video. Raises VideoRejected, DeadlineExceeded (also
+    while decoding) and the engine's errors. Cancelling it stops the decode at the next frame."""
     started = time.monotonic()
     settings = engine.settings
-    if not 0 < options.fps <= settings.video_max_fps:
-        raise VideoRejected("invalid_request", f"fps must be above 0 and at most {settings.video_max_fps:g}")
-    sampler = await asyncio.to_thread(_Sampler, source, options.fps, settings)
+    metrics = getattr(engine, "metrics", None)
+    if not MIN_FPS <= options.fps <= settings.video_max_fps:
+        raise VideoRejected(
+            "invalid_request", f"fps must be between {MIN_FPS:g} and {settings.video_max_fps:g}"
+        )
+    stop = threading.Event()
+    sampler = await asyncio.to_thread(_Sampler, source, options.fps, settings, deadline=deadline, stop=stop)
     frames = sampler.frames()
-    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory.
-    window = max(2, settings.detect_max_batch_size)
+    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory:
+    # by count, and by pixels (each frame in flight holds its RGB copy and the engine's decode).
+    frame_pixels = max(1, sampler.width * sampler.height)
+    window = max(2, min(settings.detect_max_batch_size, WINDOW_PIXELS // frame_pixels))
     pending: list[tuple[float, asyncio.Task[InferenceResult]]] = []
     done: list[tuple[float, InferenceResult]] = []
     decode_s = 0.0
+    loop = asyncio.get_running_loop()
+    decoding: asyncio.Future[tuple[float, bytes] | None] | None = None
     try:
         while True:
             while len(pending) < window:
                 t0 = time.monotonic()
-                item = await asyncio.to_thread(_next_or_none, frames)
+                # Shielded: a cancelled request must not leave the generator running on a thread
+                # while it is closed below ("generator already executing"); it is stopped instead.
+                decoding = loop.run_in_executor(None, _next_or_none, frames)
+                try:
+                    item = await asyncio.shield(decoding)
+                except DeadlineExceeded:
+                    if metrics is not None:
+                        metrics.reject("deadline")  # the engine counts its own; this one is ours
+                    raise
+                decoding = None
                 decode_s += time.monotonic() - t0
                 if item is None:
                     break
@@ -189,9 +303,20 @@ async def analyse_video(
             t, task = pending.pop(0)
             done.append((t, await task))
     finally:
+        stop.set()
         for _, task in pending:
             task.cancel()
+        # The decode returns at its next frame now that `stop` is set; wait for it (a second
+        # cancel cannot skip the wait) before closing the generator it runs.
+        while decoding is not None and not decoding.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({decoding})
+        if decoding is not None and not decoding.cancelled():
+            decoding.exception()  # retrieved: the request already fails for another reason
         frames.close()
+        if metrics is not None:
+            metrics.video_frames_decoded.inc(sampler.frames_decoded)
+            metrics.video_decode.observe(decode_s)
 
     tracker = FaceTracker(tau_ms=options.tau_ms, ttl_ms=max(1000.0, 2500.0 / options.fps))
     tracks: dict[int, VideoTrack] = {}
@@ -206,6 +331,9 @@ async def analyse_video(
             track = tracks.setdefault(tracked.track_id, VideoTrack(tracked.track_id))
             track.points.append(TrackPoint(t, index, face, smoothed))
     duration = sampler.declared_s if sampler.declared_s is not None else sampler.last_time_s
+    if metrics is not None:
+        metrics.videos.inc()
+        metrics.video_frames_sampled.inc(len(done))
     return VideoResult(
         duration_s=float(duration),
         width=sampler.width,

@@ -20,6 +20,7 @@ from service.http.demo import install_demo_page
 from service.http.deps import ServiceState
 from service.http.docs import install_offline_docs
 from service.http.errors import install_error_handlers
+from service.http.media import WebSocketTransport
 from service.http.media import router as media_router
 from service.http.memory import MemoryTrimmer
 from service.http.openapi import tighten_openapi
@@ -170,16 +171,18 @@ def create_app(
         summary="Faces, 68 landmarks and facial expressions (FERMam) for uploaded photos.",
         version="1",
         lifespan=lifespan,
-        docs_url=None,  # served offline by install_offline_docs
+        docs_url=None,  # served offline by install_offline_docs, as settings.docs_access says
         redoc_url=None,
+        openapi_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
-    install_offline_docs(app)
+    install_offline_docs(app, settings.docs_access)
     install_demo_page(app)
     app.include_router(router)
     app.include_router(media_router)
     tighten_openapi(app, settings)
     app.add_middleware(BodyGuard, settings=settings, state=state)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(WebSocketTransport)
     return app

@@ -190,10 +190,13 @@ class BoundedMultiPartParser(MultiPartParser):
     """Starlette's parser with the per-file and file-count limits enforced as parts stream in,
     and a missing closing boundary reported (the base parser accepts a truncated body)."""
 
-    def __init__(self, *args: Any, max_file_bytes: int, max_images: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_file_bytes: int, max_images: int, file_kind: str = "image", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_file_bytes = max_file_bytes
         self.max_images = max_images
+        self.file_kind = file_kind  # what the 413 calls a file: "image" (numbered) or e.g. "video"
         self._file_bytes = 0
         self._images = 0
         self.complete = False
@@ -213,11 +216,11 @@ class BoundedMultiPartParser(MultiPartParser):
         if self._current_part.file is not None:
             self._file_bytes += end - start
             if self._file_bytes > self.max_file_bytes:
+                which = (
+                    f"image {self._images - 1}:" if self.file_kind == "image" else f"the {self.file_kind} is"
+                )
                 raise ApiError(
-                    413,
-                    "too_large",
-                    f"image {self._images - 1}: larger than the limit of {self.max_file_bytes} bytes",
-                    CLOSE,
+                    413, "too_large", f"{which} larger than the limit of {self.max_file_bytes} bytes", CLOSE
                 )
         super().on_part_data(data, start, end)
 
@@ -225,16 +228,23 @@ class BoundedMultiPartParser(MultiPartParser):
         self.complete = True
 
 
-async def parse_multipart(request: Any, settings: Any) -> Any:
-    """The form of a multipart request, limits enforced while it streams (see module docstring)."""
+async def parse_multipart(
+    request: Any, settings: Any, *, max_file_bytes: int | None = None, file_kind: str = "image"
+) -> Any:
+    """The form of a multipart request, limits enforced while it streams (see module docstring).
+
+    Every file part is limited to `max_file_bytes` (default `max_image_bytes`; POST /v1/videos
+    passes `video_max_bytes` and `file_kind="video"`).
+    """
     parser = BoundedMultiPartParser(
         request.headers,
         request.stream(),
         max_files=10_000,  # images are counted (413) by the subclass, other file parts refused later
         max_fields=100,
         max_part_size=64 * 1024,
-        max_file_bytes=settings.max_image_bytes,
+        max_file_bytes=settings.max_image_bytes if max_file_bytes is None else max_file_bytes,
         max_images=settings.max_files,
+        file_kind=file_kind,
     )
     try:
         form = await parser.parse()

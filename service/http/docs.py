@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+
+from service.http.deps import require_api_key
 
 ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"
 ASSETS_URL = "/static/docs"
@@ -21,13 +23,25 @@ ASSETS_URL = "/static/docs"
 SWAGGER_PARAMETERS = {"validatorUrl": None}
 
 
-def install_offline_docs(app: FastAPI) -> None:
-    """Add /docs, /redoc and their assets to an app created with docs_url=None, redoc_url=None."""
+OPENAPI_URL = "/openapi.json"
+
+
+def install_offline_docs(app: FastAPI, access: str = "public") -> None:
+    """Add /docs, /redoc, /openapi.json and their assets to an app created with docs_url=None,
+    redoc_url=None, openapi_url=None; `access` is the `docs_access` setting (public, api_key, off).
+    """
+    if access == "off":
+        return
+    dependencies = [Depends(require_api_key)] if access == "api_key" else []
     app.mount(ASSETS_URL, StaticFiles(directory=ASSETS), name="docs-assets")
-    openapi_url = app.openapi_url or "/openapi.json"
+    openapi_url = OPENAPI_URL
     redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
 
-    @app.get("/docs", include_in_schema=False)
+    @app.get(OPENAPI_URL, include_in_schema=False, dependencies=dependencies)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=openapi_url,
@@ -43,7 +57,7 @@ def install_offline_docs(app: FastAPI) -> None:
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(
             openapi_url=openapi_url,

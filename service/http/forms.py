@@ -51,6 +51,25 @@ def _read(name: str, text: str, kind: Any) -> Any:
     return text
 
 
+def form_properties(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON-schema properties as a multipart form can carry them.
+
+    A form field is text or absent, never null, so `float | None = None` is advertised as a
+    number that may be left out, not as `anyOf [number, null]`: schemathesis sent `null` for
+    /v1/videos' `smoothing_tau_ms` because the document allowed it, and got the 422 the grammar
+    above gives (a JSON body can say null; a form cannot).
+    """
+    properties = {}
+    for name, prop in model.model_json_schema()["properties"].items():
+        options = [option for option in prop.get("anyOf", ()) if option.get("type") != "null"]
+        if "anyOf" in prop and len(options) == 1:
+            prop = {key: value for key, value in prop.items() if key != "anyOf"} | options[0]
+            if prop.get("default", 0) is None:
+                del prop["default"]
+        properties[name] = prop
+    return properties
+
+
 def validate_form(fields: dict[str, str], model: type[Model]) -> Model:
     """The model from form text fields, each read by its declared type; 422 otherwise."""
     values = {}

@@ -37,6 +37,9 @@ def tighten_openapi(app: FastAPI, settings: Any) -> None:
         )
         for schema in (content["multipart/form-data"]["schema"], json_schema):
             _cap(schema["properties"]["max_faces"], settings.max_faces)
+        video = spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        video["schema"]["properties"]["fps"]["maximum"] = settings.video_max_fps
+        _cap(video["schema"]["properties"]["max_faces"], settings.max_faces)
         state = getattr(app.state, "service", None)
         if state is not None and state.engine is not None:
             classes = len(state.engine.class_names)

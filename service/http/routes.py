@@ -19,7 +19,7 @@ from service.http import schemas
 from service.http.body import parse_multipart
 from service.http.deps import ApiKey, EngineDep, ServiceState, StateDep
 from service.http.errors import ApiError
-from service.http.forms import invalid_request, validate_form
+from service.http.forms import form_properties, invalid_request, validate_form
 from service.http.public import public_metadata
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -47,7 +47,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
-_OPTIONS_SCHEMA = schemas.ExpressionOptions.model_json_schema()
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -57,7 +56,7 @@ _REQUEST_BODY = {
                 "required": ["files"],
                 "properties": {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    **_OPTIONS_SCHEMA["properties"],
+                    **form_properties(schemas.ExpressionOptions),
                 },
             }
         },

@@ -43,3 +43,28 @@ def make_clip(frames: Sequence[np.ndarray], fps: int) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return out.getvalue()
+
+
+def grey_clip(width: int, height: int, fps: int, seconds: float, *, keyint: int) -> bytes:
+    """An H.264 MP4 of uniform grey frames, a keyframe every `keyint` frames: cheap to make and to
+    decode at small sizes, so long clips (many frames) stay fast in tests."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {
+            "preset": "ultrafast",
+            "g": str(keyint),
+            "keyint_min": str(keyint),
+            "sc_threshold": "0",
+        }
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes([128]) * plane.buffer_size)
+        for index in range(round(fps * seconds)):
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()

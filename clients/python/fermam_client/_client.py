@@ -234,6 +234,8 @@ class FrameResult:
     dropped: list[DroppedFrame]
     dropped_total: int
     timings: dict[str, float]
+    # All frames dropped since the previous reply, by reason (`dropped` lists at most 32 of them).
+    dropped_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,8 @@ class SessionEnd:
     dropped: list[DroppedFrame]
     dropped_total: int
     events: list[StreamEvent]
+    dropped_counts: dict[str, int] = field(default_factory=dict)
+    frames_refused: int = 0  # frames answered with an error
 
 
 StreamMessage = SessionInfo | FrameResult | FrameError | SessionEnd
@@ -297,6 +301,7 @@ def parse_stream_message(data: Mapping[str, Any]) -> StreamMessage:
             _dropped(data["dropped"]),
             data["dropped_total"],
             data["timings"],
+            data.get("dropped_counts", {}),
         )
     if kind == "error":
         return FrameError(data["code"], data["message"], data.get("frame_id"))
@@ -308,6 +313,8 @@ def parse_stream_message(data: Mapping[str, Any]) -> StreamMessage:
             _dropped(data.get("dropped", [])),
             data["dropped_total"],
             [_event(e) for e in data["events"]],
+            data.get("dropped_counts", {}),
+            data.get("frames_refused", 0),
         )
     raise ValueError(f"unknown stream message type {kind!r}")
 

@@ -21,22 +21,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(weights: Path, *flags: str, ready_timeout_s: float = 180) -> tuple[str, subprocess.Popen]:
-    """A ready server (readyz 200) and its process; the caller ends it."""
+def start_server(
+    weights: Path, *flags: str, ready_timeout_s: float = 180, log_path: Path | None = None
+) -> tuple[str, subprocess.Popen]:
+    """A ready server (readyz 200) and its process; the caller ends it. With `log_path`, its output
+    goes to that file (a pipe nobody reads would block a server that logs a lot)."""
     port = free_port()
     command = [
         sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--weights", str(weights),
         "--device", "cpu", "--log-level", "warning", *flags,
     ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = subprocess.PIPE if log_path is None else open(log_path, "wb")  # noqa: SIM115 - the child owns it
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    if log_path is not None:
+        output.close()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode}: {process.stdout.read().decode()[-2000:]}"
-            )
+            text = process.stdout.read() if process.stdout else Path(log_path).read_bytes()
+            raise RuntimeError(f"server exited with {process.returncode}: {text.decode()[-2000:]}")
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return base, process
