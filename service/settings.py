@@ -7,6 +7,8 @@ can never drift apart.
 
 from __future__ import annotations
 
+import os
+import resource
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +24,23 @@ def _default_weights() -> Path:
         return Path(default_weights_path())
     except ImportError:
         return Path(__file__).resolve().parents[1] / "model" / "weights" / "fermam-ferplus.safetensors"
+
+
+# The default connection cap, sized for the machine: per CPU, and never so many that the process
+# runs out of file descriptors for what else it opens (weights, thread pools, logs).
+CONNECTIONS_PER_CPU = 256
+RESERVED_FDS = 64
+MIN_CONNECTIONS = 32
+
+
+def default_max_connections() -> int:
+    """`CONNECTIONS_PER_CPU` per CPU this process may run on, within the open-file limit."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    wanted = CONNECTIONS_PER_CPU * cpus
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        wanted = min(wanted, soft - RESERVED_FDS)
+    return max(MIN_CONNECTIONS, wanted)
 
 
 class Settings(BaseSettings):
@@ -162,7 +181,23 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Idle keep-alive connections close after this."
     )
     max_connections: int = Field(
-        0, ge=0, description="Most concurrent connections; beyond it new ones get 503 (0: no limit)."
+        default_factory=default_max_connections,
+        ge=0,
+        description="Most open connections; beyond it a new one gets 503 at once (0: no limit). "
+        f"Default: {CONNECTIONS_PER_CPU} per CPU, within the open-file limit.",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Longest request line and headers together, bytes (431 and close).",
+    )
+    max_header_count: int = Field(100, ge=1, description="Most request headers (431 and close).")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time for a request line and its headers to arrive, from their first "
+        "byte or from the connection's opening (408 and close; a connection that sent nothing just "
+        "closes).",
     )
     shutdown_grace_s: float = Field(
         3.0,

@@ -130,6 +130,7 @@ def main(argv: list[str]) -> int:
 
     from model.device import resolve_device
     from service.http.app import create_app
+    from service.http.edge import edge_protocol
 
     try:
         resolve_device(settings.device)
@@ -153,7 +154,13 @@ def main(argv: list[str]) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         timeout_keep_alive=settings.keep_alive_timeout_s,
-        limit_concurrency=settings.max_connections or None,
+        # The connection edge (header limits and timeout, the connection cap): service/http/edge.py.
+        http=edge_protocol(
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            header_timeout_s=settings.header_timeout_s,
+            max_connections=settings.max_connections,
+        ),
         access_log=settings.log_level == "debug",
     )
     server = DrainingServer(

@@ -7,6 +7,12 @@ device for that stage) takes up to `max_batch_size` items, waiting at most `max_
 counted from the oldest queued item. Items keep queueing while a batch runs, so the next batch is
 already collected when the worker comes back (pipelining).
 
+Fairness: every item carries a key (by default, the `submit_many` call it came in, i.e. one
+request). A batch takes the keys' items in turns (the oldest key first), and at most
+`max_items_per_key` of one key, so a request of many costly items does not hold the queue ahead
+of a small one that arrives after it: the small one waits for at most one batch. Items may carry
+a cost (e.g. pixels); the measured drain rate is then per unit of cost.
+
 It knows nothing of HTTP, torch or faces: items are any objects and the batch function any
 callable `list[T] -> list[R | BaseException]`.
 """
@@ -97,6 +103,8 @@ class _Entry(Generic[T]):
     loop: asyncio.AbstractEventLoop
     enqueued_at: float
     deadline: float | None
+    key: object = None  # the fairness group (one request)
+    cost: float = 1.0
     # Set from the event loop when the caller's future is cancelled (client went away).
     cancelled: bool = field(default=False)
 
@@ -138,13 +146,19 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: int,
         observer: BatchObserver | None = None,
         more_expected: Callable[[], bool] | None = None,
+        max_items_per_key: int | None = None,
+        thread_init: Callable[[], object] | None = None,
     ) -> None:
         """`more_expected`, when given, says whether items are on their way to this stage now
         (called from the worker thread): while it says no, a batch that is not full runs at once
         instead of waiting `max_queue_delay_ms` for items that are not coming. Without it, the
-        batcher always waits (the classic dynamic batcher)."""
+        batcher always waits (the classic dynamic batcher). `max_items_per_key` caps one key's
+        items in a batch (None: only `max_batch_size` does). `thread_init` runs on the worker
+        thread before it takes work (per-thread state such as a detector), and `start` waits for it."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_items_per_key is not None and max_items_per_key < 1:
+            raise ValueError("max_items_per_key must be >= 1")
         if max_queue_delay_ms < 0:
             raise ValueError("max_queue_delay_ms must be >= 0")
         if max_queue_size < 1:
@@ -153,7 +167,9 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.max_items_per_key = max_items_per_key or max_batch_size
         self._batch_fn = batch_fn
+        self._thread_init = thread_init
         self._more_expected = more_expected
         self._observer: BatchObserver = observer or _NullObserver()
         self._queue: deque[_Entry[T]] = deque()
@@ -164,7 +180,8 @@ class DynamicBatcher(Generic[T, R]):
         self._thread: threading.Thread | None = None
         # Exponential moving average of batch compute time, to suggest a Retry-After.
         self._avg_batch_s = 0.0
-        # ... and of compute time per item: the stage's measured drain rate, for admission control.
+        # ... and of compute time per unit of item cost (per item when items carry none): the
+        # stage's measured drain rate, for admission control.
         self._avg_item_s = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -176,8 +193,12 @@ class DynamicBatcher(Generic[T, R]):
                 raise RuntimeError(f"batcher {self.name!r} already started")
             self._accepting = True
             self._stopping = False
-            self._thread = threading.Thread(target=self._worker, name=f"batcher-{self.name}", daemon=True)
+            initialised = threading.Event()
+            self._thread = threading.Thread(
+                target=self._worker, args=(initialised,), name=f"batcher-{self.name}", daemon=True
+            )
             self._thread.start()
+        initialised.wait()
 
     def stop_accepting(self) -> None:
         """Refuse new items from now on; queued ones still run."""
@@ -230,7 +251,8 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def item_seconds(self) -> float:
-        """Measured compute seconds per item (moving average; 0 before the first batch)."""
+        """Measured compute seconds per unit of item cost, i.e. per item when items carry no cost
+        (moving average; 0 before the first batch)."""
         return self._avg_item_s
 
     @property
@@ -253,12 +275,27 @@ class DynamicBatcher(Generic[T, R]):
         return self.submit_many([item], deadline)[0]
 
     def submit_many(
-        self, items: Sequence[T], deadline: float | None = None
+        self,
+        items: Sequence[T],
+        deadline: float | None = None,
+        *,
+        key: object = None,
+        costs: Sequence[float] | None = None,
     ) -> list[asyncio.Future[Batched[R]]]:
-        """Queue several items all-or-nothing, so a request is never half admitted."""
+        """Queue several items all-or-nothing, so a request is never half admitted.
+
+        `key` groups items for fairness (default: this call); `costs`, one per item, weigh them
+        for the measured drain rate (default: 1 each)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        entries = [_Entry(item, loop.create_future(), loop, now, deadline) for item in items]
+        group = object() if key is None else key
+        weights = [1.0] * len(items) if costs is None else [float(c) for c in costs]
+        if len(weights) != len(items):
+            raise ValueError(f"{len(weights)} costs for {len(items)} items")
+        entries = [
+            _Entry(item, loop.create_future(), loop, now, deadline, group, cost)
+            for item, cost in zip(items, weights, strict=True)
+        ]
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown(f"{self.name} is not accepting work")
@@ -295,19 +332,45 @@ class DynamicBatcher(Generic[T, R]):
                 remaining = due - time.monotonic()
                 # Waiting only pays when more items can arrive within the delay.
                 idle_upstream = self._more_expected is not None and not self._more_expected()
+                chosen = self._fair_pick()
                 if (
-                    len(self._queue) >= self.max_batch_size
+                    len(chosen) >= self.max_batch_size
                     or remaining <= 0
                     or idle_upstream
                     or not self._accepting
                 ):
-                    size = min(self.max_batch_size, len(self._queue))
-                    batch = [self._queue.popleft() for _ in range(size)]
+                    taken = set(chosen)
+                    batch = [self._queue[k] for k in chosen]
+                    self._queue = deque(e for k, e in enumerate(self._queue) if k not in taken)
                     self._running_batch = len(batch)
                     return batch, len(self._queue)
                 self._cond.wait(timeout=remaining)
 
-    def _worker(self) -> None:
+    def _fair_pick(self) -> list[int]:
+        """Queue positions of the next batch: the keys' items in turns, oldest key first, at most
+        `max_items_per_key` of each, at most `max_batch_size` in all (call with the lock held)."""
+        by_key: dict[object, list[int]] = {}
+        for position, entry in enumerate(self._queue):
+            by_key.setdefault(entry.key, []).append(position)
+        lanes = [positions[: self.max_items_per_key] for positions in by_key.values()]
+        chosen: list[int] = []
+        for turn in range(self.max_items_per_key):
+            for lane in lanes:
+                if turn < len(lane):
+                    chosen.append(lane[turn])
+                    if len(chosen) == self.max_batch_size:
+                        return chosen
+        return chosen
+
+    def _worker(self, initialised: threading.Event) -> None:
+        try:
+            if self._thread_init is not None:
+                try:
+                    self._thread_init()
+                except Exception:  # noqa: BLE001 - a cold thread is slower, not broken
+                    log.exception("%s: worker thread initialisation failed", self.name)
+        finally:
+            initialised.set()
         try:
             while True:
                 taken = self._take_batch()
@@ -375,7 +438,7 @@ class DynamicBatcher(Generic[T, R]):
         outcomes = self._call(live)
         compute_s = time.monotonic() - started
         self._avg_batch_s = compute_s if self._avg_batch_s == 0 else 0.8 * self._avg_batch_s + 0.2 * compute_s
-        item_s = compute_s / len(live)
+        item_s = compute_s / max(1e-9, sum(entry.cost for entry in live))
         self._avg_item_s = item_s if self._avg_item_s == 0 else 0.8 * self._avg_item_s + 0.2 * item_s
         self._observer.batch_done(len(live), [started - e.enqueued_at for e in live], compute_s)
         for entry, outcome in zip(live, outcomes, strict=True):

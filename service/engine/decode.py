@@ -108,6 +108,19 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImag
         return DecodedImage(pixels, image.format, original_mode, (width, height), orientation)
 
 
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the file's header declares them, without decoding a pixel (a fraction
+    of a millisecond); None when there is no readable header. For estimates only: the decoder
+    still checks everything."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # noqa: BLE001 - any failure just means "unknown"; decoding will say why
+        return None
+
+
 def _orientation(image: Image.Image) -> int:
     """The EXIF orientation, 1 when absent or out of range (malformed EXIF is not fatal)."""
     try:

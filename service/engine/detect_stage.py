@@ -68,6 +68,22 @@ def downscaled(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return np.asarray(small), ratio
 
 
+# Detection cost per pixel of the original, relative to a pixel searched: downscaling and refitting
+# landmarks on the original. Measured with dlib on a 2-core AMD EPYC: a 3000x3000 and a 6300x6300
+# PNG (both searched at 1280 px) took 1.56 and 1.83 s, i.e. 0.009 s per extra megapixel against
+# 0.90 s per searched megapixel.
+ORIGINAL_PIXEL_SHARE = 0.01
+
+
+def detect_units(width: int, height: int, max_side: int) -> float:
+    """What detecting faces in a width x height image costs, in megapixels searched: the copy
+    downscaled to `max_side` plus `ORIGINAL_PIXEL_SHARE` of the original's pixels."""
+    pixels = width * height
+    longest = max(width, height, 1)
+    searched = pixels if longest <= max_side else pixels * (max_side / longest) ** 2
+    return (searched + ORIGINAL_PIXEL_SHARE * pixels) / 1e6
+
+
 # The margin's grey: mid-level, so it adds no edge a detector would take for a face's outline.
 MARGIN_GREY = 128
 

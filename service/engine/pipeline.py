@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +35,11 @@ from service.engine.batcher import (
     ShuttingDown,
     gather_or_cancel,
 )
-from service.engine.decode import DecodedImage, ImageDecodeError, decode_image
-from service.engine.detect_stage import check_crop_size, run_detect_batch
+from service.engine.decode import DecodedImage, ImageDecodeError, declared_size, decode_image
+from service.engine.detect_stage import check_crop_size, detect_units, run_detect_batch
 from service.engine.face_quality import Pose, Quality, describe_faces
 from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
+from service.engine.fair_pool import FairThreadPool
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -154,6 +156,14 @@ class _FaceQuery:
     deadline: float | None = None
 
 
+def _start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
+    """Make `pool` start (and so initialise) all its threads now: each job holds its thread until
+    all have started, so no job can run on a thread another one already used."""
+    barrier = threading.Barrier(threads)
+    for future in [pool.submit(barrier.wait, 120) for _ in range(threads)]:
+        future.result()
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -234,7 +244,8 @@ class Engine:
         )
         if self.device.type == "cuda":
             self.metrics.track_device_memory(lambda: float(torch.cuda.memory_allocated(self.device)))
-        self._pool: ThreadPoolExecutor | None = None
+        # Decoding and alignment, taken in turns by request (fair_pool.py).
+        self._pool: FairThreadPool | None = None
         self._detect_pool: ThreadPoolExecutor | None = None  # a detect batch's images side by side
         # Requests decoding (on their way to the detect stage) and aligning (on their way to the
         # classify stage): a stage waits for its batch to fill only while some are (batcher.py).
@@ -285,9 +296,19 @@ class Engine:
             return
         await asyncio.to_thread(self.warm_up)
         s = self.settings
-        self._pool = ThreadPoolExecutor(max_workers=s.decode_threads, thread_name_prefix="fermam-decode")
+        # One thread stays free of any one request: a bulky request's 2 s decodes cannot take
+        # every thread ahead of a small request's decode and alignment.
+        self._pool = FairThreadPool(
+            s.decode_threads, max_per_key=max(1, s.decode_threads - 1), thread_name_prefix="fermam-decode"
+        )
         if s.detect_threads > 1 and self.face_backend.concurrent:
-            self._detect_pool = ThreadPoolExecutor(s.detect_threads, thread_name_prefix="fermam-detect")
+            # Each thread warms its own detector (dlib's are per thread, ~1 s each to build) before
+            # the engine is ready: otherwise the first requests pay it, and the measured rate that
+            # admission relies on starts several times too high.
+            self._detect_pool = ThreadPoolExecutor(
+                s.detect_threads, thread_name_prefix="fermam-detect", initializer=self.face_backend.warmup
+            )
+            await asyncio.to_thread(_start_every_thread, self._detect_pool, s.detect_threads)
         self._detect = DynamicBatcher(
             self._detect_batch,
             name=DETECT_STAGE,
@@ -296,6 +317,11 @@ class Engine:
             max_queue_size=s.max_queue_size,
             observer=self.metrics.stage(DETECT_STAGE),
             more_expected=lambda: self._decoding > 0,
+            # dlib runs a batch's images `detect_threads` at a time: a batch holds at most that
+            # many of one request's images, so a small request waits for one round, not for all
+            # of a bulky request's images. A batching backend (face-alignment) keeps whole batches.
+            max_items_per_key=s.detect_threads if self.face_backend.name == "dlib" else None,
+            thread_init=self.face_backend.warmup,
         )
         self._classify = DynamicBatcher(
             self._classify_batch,
@@ -306,7 +332,7 @@ class Engine:
             observer=self.metrics.stage(CLASSIFY_STAGE),
             more_expected=lambda: self._aligning > 0,
         )
-        self._detect.start()
+        await asyncio.to_thread(self._detect.start)  # warms the worker thread's detector
         self._classify.start()
         self._accepting = True
         log.info(
@@ -371,14 +397,15 @@ class Engine:
             raise NotReady("the engine is not ready")
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
+        units = [self._detect_units(data) for data in images]
         try:
-            self.admission.admit(len(images), deadline, check=shed)
+            ticket = self.admission.admit(units, deadline, check=shed)
         except QueueFull:
             self.metrics.reject("overloaded")
             raise
         try:
             async with asyncio.timeout(timeout):
-                return await self._infer(images, options, deadline)
+                return await self._infer(images, options, deadline, units)
         except (TimeoutError, DeadlineExceeded):
             # The batcher may notice the deadline (item expired in its queue) before the timer.
             self.metrics.reject("deadline")
@@ -393,7 +420,14 @@ class Engine:
             self.metrics.reject("shutdown")
             raise NotReady(str(error)) from None
         finally:
-            self.admission.release(len(images))
+            self.admission.release(ticket)
+
+    def _detect_units(self, data: bytes) -> float:
+        """An image's detection cost from its header; one at the search size when unreadable
+        (the decoder will refuse it)."""
+        side = self.settings.detect_max_side
+        width, height = declared_size(data) or (side, side)
+        return detect_units(width, height, side)
 
     def _check_options(self, images: Sequence[bytes], options: RequestOptions) -> None:
         s = self.settings
@@ -409,10 +443,11 @@ class Engine:
             raise InvalidRequest(f"top_k must be between 1 and {len(self.class_names)}")
 
     async def _infer(
-        self, images: Sequence[bytes], options: RequestOptions, deadline: float | None
+        self, images: Sequence[bytes], options: RequestOptions, deadline: float | None, units: list[float]
     ) -> InferenceResult:
         assert self._detect is not None and self._classify is not None and self._pool is not None
-        loop = asyncio.get_running_loop()
+        pool = self._pool
+        request = object()  # this request's turn in the decode pool and the detect queue
         started = time.monotonic()
         timings = Timings()
 
@@ -420,7 +455,10 @@ class Engine:
         self._decoding += 1
         try:
             decoded = await gather_or_cancel(
-                [loop.run_in_executor(self._pool, self._decode, i, data) for i, data in enumerate(images)]
+                [
+                    asyncio.wrap_future(pool.submit(request, self._decode, i, data))
+                    for i, data in enumerate(images)
+                ]
             )
         finally:
             # Before the submit below (no await between), so the detect worker woken by it sees
@@ -446,7 +484,7 @@ class Engine:
             for d in decoded
         ]
         stage1: list[Batched[ImageFaces]] = await gather_or_cancel(
-            self._detect.submit_many(queries, deadline)
+            self._detect.submit_many(queries, deadline, key=request, costs=units)
         )
         timings.detect_queue_s = max(r.queue_s for r in stage1)
         timings.detect_s = max(r.compute_s for r in stage1)
@@ -460,23 +498,27 @@ class Engine:
             align_started = time.monotonic()
             self._aligning += 1
             try:
-                crops = await loop.run_in_executor(
-                    self._pool,
-                    align_faces_bounded,
-                    [d.pixels for d in decoded],
-                    [(i, face.landmarks) for i, face in located],
-                    self.config.contract,
+                crops = await asyncio.wrap_future(
+                    pool.submit(
+                        request,
+                        align_faces_bounded,
+                        [d.pixels for d in decoded],
+                        [(i, face.landmarks) for i, face in located],
+                        self.config.contract,
+                    )
                 )
             finally:
                 self._aligning -= 1  # before the submit, as for decoding above
             timings.align_s = time.monotonic() - align_started
             pending = self._classify.submit_many(list(crops), deadline)
             # Pose and quality (CPU, numpy) run in the pool while stage 2 computes.
-            describing = loop.run_in_executor(
-                self._pool,
-                describe_faces,
-                [d.pixels for d in decoded],
-                [(i, f.box, f.landmarks) for i, f in located],
+            describing = asyncio.wrap_future(
+                pool.submit(
+                    request,
+                    describe_faces,
+                    [d.pixels for d in decoded],
+                    [(i, f.box, f.landmarks) for i, f in located],
+                )
             )
             stage2 = await gather_or_cancel(pending)
             described = await describing

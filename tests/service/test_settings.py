@@ -36,3 +36,17 @@ def test_api_keys_come_from_a_file_too_so_they_stay_out_of_the_process_list(tmp_
         Settings(api_keys_file=keys)
     with pytest.raises(ValidationError, match="cannot read"):
         Settings(api_keys_file=tmp_path / "missing")
+
+
+def test_the_default_connection_cap_is_per_cpu_within_the_open_file_limit(monkeypatch) -> None:
+    import resource
+
+    from service import settings as settings_module
+
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (100_000, 100_000))
+    assert Settings().max_connections == 2 * settings_module.CONNECTIONS_PER_CPU
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    assert Settings().max_connections == 2 * settings_module.CONNECTIONS_PER_CPU  # 512 < 1024 - 64
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert Settings().max_connections == 1024 - settings_module.RESERVED_FDS

@@ -517,3 +517,49 @@ def test_the_idle_worker_keeps_nothing_of_its_last_batch() -> None:
             await batcher.aclose()
 
     assert asyncio.run(main())
+
+
+def test_requests_take_turns_and_one_key_fills_at_most_its_share_of_a_batch() -> None:
+    release = threading.Event()
+    first_running = threading.Event()
+    batches: list[list[str]] = []
+
+    def blocking(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            first_running.set()
+            release.wait(5)
+        return items
+
+    async def main() -> None:
+        batcher, _ = make(blocking, max_batch_size=4, max_queue_delay_ms=0, max_items_per_key=2)
+        try:
+            first = batcher.submit("warm")
+            await asyncio.to_thread(first_running.wait, 5)
+            # A bulky request queues five items, then a small one arrives behind them.
+            bulky = batcher.submit_many([f"big{k}" for k in range(5)])
+            small = batcher.submit_many(["small"])
+            release.set()
+            await asyncio.gather(first, *bulky, *small)
+        finally:
+            await batcher.aclose()
+
+    asyncio.run(main())
+    # The small item goes in the very next batch, second in line (not after all five big ones).
+    assert batches == [["warm"], ["big0", "small", "big1"], ["big2", "big3"], ["big4"]]
+
+
+def test_the_drain_rate_is_per_unit_of_cost_when_items_carry_one() -> None:
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(0.01 * sum(items))  # compute proportional to the items' sizes
+        return items
+
+    async def main() -> float:
+        batcher, _ = make(slow, max_batch_size=8, max_queue_delay_ms=0)
+        try:
+            await asyncio.gather(*batcher.submit_many([10, 30], costs=[10, 30]))
+            return batcher.item_seconds
+        finally:
+            await batcher.aclose()
+
+    assert asyncio.run(main()) == pytest.approx(0.01, rel=0.5)

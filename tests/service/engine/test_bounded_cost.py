@@ -18,7 +18,7 @@ from service.engine.admission import Admission, Overloaded
 from service.engine.align import align_faces
 from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import DeadlineExceeded
-from service.engine.detect_stage import CropTooSmall, detect_bounded, run_detect_batch
+from service.engine.detect_stage import CropTooSmall, detect_bounded, detect_units, run_detect_batch
 from service.engine.pipeline import ImageRejected, RequestOptions
 
 # The same margins as test_faces_dlib on the originals (measured there 43/43, NME 0.019);
@@ -129,21 +129,39 @@ def test_admission_refuses_what_cannot_finish_before_its_deadline():
     rates = {"detect": 0.0}
     admission = Admission(lambda: rates["detect"], lambda: 0.001, lambda: 0)
     now = time.monotonic()
-    admission.admit(50, now + 0.1)  # nothing measured yet: admitted
-    rates["detect"] = 0.1  # now 0.1 s per image: 50 outstanding ~ 5 s of work
+    crowd = [admission.admit([1.0], now + 0.1) for _ in range(50)]  # nothing measured yet: admitted
+    rates["detect"] = 0.1  # now 0.1 s per unit: 50 one-image requests ahead ~ 5 s of work
     with pytest.raises(Overloaded) as caught:
-        admission.admit(1, time.monotonic() + 2.0)
+        admission.admit([1.0], time.monotonic() + 2.0)
     assert caught.value.retry_after_s >= 3 and caught.value.estimate_s > 5
-    admission.admit(1, time.monotonic() + 30.0)  # a longer deadline fits
-    admission.release(51)
-    admission.admit(1, time.monotonic() + 2.0)  # the backlog drained: admitted again
+    late = admission.admit([1.0], time.monotonic() + 30.0)  # a longer deadline fits
+    for ticket in [*crowd, late]:
+        admission.release(ticket)
+    admission.admit([1.0], time.monotonic() + 2.0)  # the backlog drained: admitted again
     assert admission.outstanding == 1
 
 
 def test_admission_bounds_the_wait_behind_the_queue_whatever_the_deadline():
     admission = Admission(lambda: 0.1, lambda: 0.0, lambda: 0, max_wait_s=1.0)
-    admission.admit(8, None)  # 8 x 0.1 s (x1.15 margin) = 0.92 s ahead of the next request: admitted
-    admission.admit(1, None)
+    for _ in range(8):  # 8 x 0.1 s (x1.15 margin) = 0.92 s ahead of the next request: admitted
+        admission.admit([1.0], None)
+    admission.admit([1.0], None)
     with pytest.raises(Overloaded) as caught:
-        admission.admit(1, time.monotonic() + 600)  # 1.04 s ahead: refused despite a long deadline
+        admission.admit([1.0], time.monotonic() + 600)  # 1.04 s ahead: refused despite a long deadline
     assert caught.value.retry_after_s >= 1
+
+
+def test_admission_counts_pixels_and_what_a_request_waits_for_when_taken_in_turns():
+    admission = Admission(lambda: 1.0, lambda: 0.0, lambda: 0, max_wait_s=3.0)
+    # Four 6300x6300 images: each costs what its detection costs, not what a photo costs.
+    big = detect_units(6300, 6300, 1280)
+    small = detect_units(450, 450, 1280)
+    assert 1.6 < big < 2.5 and 0.19 < small < 0.21 and big > 8 * small
+    admission.admit([big] * 4, None)
+    ahead, own = admission.estimate_s([small])
+    # Taken in turns, one photo waits for one of the bulky request's images, not all four.
+    assert ahead == pytest.approx(1.15 * big) and own == pytest.approx(1.15 * small)
+    admission.admit([small], None)
+    # A second bulky request waits for up to four images of the first and one of the photo.
+    ahead, _ = admission.estimate_s([big] * 4)
+    assert ahead == pytest.approx(1.15 * (4 * big + small))
