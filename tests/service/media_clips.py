@@ -68,3 +68,33 @@ def grey_clip(width: int, height: int, fps: int, seconds: float, *, keyint: int)
         for packet in stream.encode():
             container.mux(packet)
     return out.getvalue()
+
+
+def letterboxed_frames(
+    name: str,
+    count: int,
+    *,
+    size: tuple[int, int] = (640, 480),
+    zoom: float = 0.15,
+    pan_px: float = 24.0,
+) -> list[np.ndarray]:
+    """`count` RGB frames of one photo fitted into `size` without distortion (black bars), with a
+    slow camera move: the zoom grows to `1 + zoom` and the view pans `pan_px` sideways and back
+    over the frames (faces move a few pixels and grow a little per frame, as a handheld camera)."""
+    photo = Image.open(PHOTOS / name).convert("RGB")
+    width, height = size
+    fit = min(width / photo.width, height / photo.height)
+    frames = []
+    for i in range(count):
+        phase = i / max(1, count - 1)  # 0 .. 1 over the clip
+        scale = fit * (1.0 + zoom * phase)
+        shown = photo.resize(
+            (round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BILINEAR
+        )
+        dx = pan_px * np.sin(2 * np.pi * phase)
+        left = round((width - shown.width) / 2 + dx)
+        top = round((height - shown.height) / 2)
+        canvas = Image.new("RGB", size)
+        canvas.paste(shown, (left, top))
+        frames.append(np.asarray(canvas))
+    return frames
