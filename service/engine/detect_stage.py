@@ -39,6 +39,12 @@ class FaceQuery(Protocol):
     min_face_size: int
     boxes: tuple[Box, ...] | None
     deadline: float | None
+    # With `boxes`: follow the faces in them (`FaceBackend.refit`) rather than only placing
+    # landmarks; if any fit fails (or the backend cannot refit), the image is detected in full.
+    refit: bool
+    # Whether a miss is searched again inside a grey margin (not for stream frames: the next frame
+    # comes anyway).
+    retry: bool
 
 
 class CropTooSmall(ImageDecodeError):
@@ -171,13 +177,45 @@ def run_detect_batch(
     def one(query: FaceQuery) -> ImageFaces | BaseException:
         if query.deadline is not None and time.monotonic() >= query.deadline:
             return DeadlineExceeded("detect: deadline passed before this image ran")
-        if query.boxes is not None:
+        if query.boxes is not None and getattr(query, "refit", False):
+            followed = follow(backend, query.image, query.boxes)
+            if followed is not None:
+                return followed
+        elif query.boxes is not None:
             return ImageFaces(backend.landmarks_for_boxes(query.image, list(query.boxes)))
-        return detect_bounded(backend, [query.image], [query.min_face_size], max_side, retry_margin)[0]
+        margin = retry_margin if getattr(query, "retry", True) else 0.0
+        return detect_bounded(backend, [query.image], [query.min_face_size], max_side, margin)[0]
 
     if pool is not None and backend.concurrent and len(queries) > 1:
         return list(pool.map(one, queries))
     return [one(query) for query in queries]
+
+
+# Two followed faces overlapping this much have converged on one face: the frame is detected anew.
+FOLLOW_MAX_IOU = 0.5
+
+
+def follow(backend: FaceBackend, image: np.ndarray, boxes: Sequence[Box]) -> ImageFaces | None:
+    """The faces in `boxes` followed into `image` (largest first), or None when the backend cannot
+    refit, any fit fails, or two fits converged on one face: the caller then detects in full."""
+    fits = backend.refit(image, list(boxes))
+    if fits is None or any(fit is None for fit in fits):
+        return None
+    faces = [fit for fit in fits if fit is not None]
+    for i, a in enumerate(faces):
+        for b in faces[i + 1 :]:
+            if _iou(a.box, b.box) > FOLLOW_MAX_IOU:
+                return None
+    faces.sort(key=lambda f: (-(f.box[2] * f.box[3]), -f.score))
+    return ImageFaces(faces, refitted=True)
+
+
+def _iou(a: Box, b: Box) -> float:
+    left, top = max(a[0], b[0]), max(a[1], b[1])
+    right, bottom = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, right - left) * max(0.0, bottom - top)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _run_batched(
@@ -189,17 +227,18 @@ def _run_batched(
     for k, query in enumerate(queries):
         if query.deadline is not None and now >= query.deadline:
             out[k] = DeadlineExceeded("detect: deadline passed before this image ran")
-        elif query.boxes is not None:
+        elif query.boxes is not None and not getattr(query, "refit", False):
             out[k] = ImageFaces(backend.landmarks_for_boxes(query.image, list(query.boxes)))
-        else:
+        else:  # a refit on a batching backend (none can refit yet) is a full detection
             chunk.append(k)
     if chunk:
+        retry = any(getattr(queries[k], "retry", True) for k in chunk)
         found = detect_bounded(
             backend,
             [queries[k].image for k in chunk],
             [queries[k].min_face_size for k in chunk],
             max_side,
-            retry_margin,
+            retry_margin if retry else 0.0,
         )
         if len(found) != len(chunk):
             raise RuntimeError(f"face backend answered {len(found)} of {len(chunk)} images")

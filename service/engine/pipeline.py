@@ -9,6 +9,7 @@ model. The asyncio side only awaits futures, so one slow group photo never block
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -90,6 +91,30 @@ class FaceResult:
     quality: Quality | None = None
 
 
+# A stream session's choice, per face of a frame, given the faces and their aligned crops (the
+# model's input, (3, S, S)): the scores to reuse, or None to classify the face now.
+ReuseScores = Callable[[Sequence[DetectedFace], Sequence[torch.Tensor]], list[np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """How one stream frame goes through the engine (the stream session decides, per frame)."""
+
+    # Follow the faces in these boxes (the previous frame's) instead of running the detector; if
+    # any fit fails, the frame is detected in full after all. None: detect.
+    follow: tuple[Box, ...] | None = None
+    reuse: ReuseScores | None = None
+
+
+@dataclass(frozen=True)
+class FrameFaces:
+    """A stream frame's faces as the tracker needs them (landmarks even when not returned)."""
+
+    faces: list[DetectedFace]
+    fresh: list[bool]  # per face: classified in this frame (False: scores reused)
+    followed: bool  # the faces were followed from the plan's boxes, no detector ran
+
+
 @dataclass(frozen=True)
 class ImageResult:
     index: int
@@ -99,6 +124,7 @@ class ImageResult:
     # Faces found but not reported: below min_face_size, or beyond max_faces.
     skipped_small: int = 0
     skipped_over_max: int = 0
+    frame: FrameFaces | None = None  # with a FramePlan only
 
 
 @dataclass
@@ -154,6 +180,13 @@ class _FaceQuery:
     min_face_size: int
     boxes: tuple[Box, ...] | None = None
     deadline: float | None = None
+    refit: bool = False
+    retry: bool = True
+
+
+# What following a frame's faces costs against detecting them, for admission (dlib: a few ms
+# against ~200 ms at 640x480).
+FOLLOW_COST_SHARE = 0.05
 
 
 def _start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
@@ -380,6 +413,7 @@ class Engine:
         deadline: float | None = None,
         *,
         shed: bool = True,
+        plan: FramePlan | None = None,
     ) -> InferenceResult:
         """Faces and expressions of every image, in order.
 
@@ -390,7 +424,9 @@ class Engine:
         A failed request is counted here, once, in `fermam_rejections_total` (a client that goes
         away is counted by the HTTP layer, which cancels this call). `shed=False` skips the
         overload check, for work that belongs to a request already admitted (a video's frames,
-        whose own window bounds them); the deadline still applies.
+        whose own window bounds them); the deadline still applies. `plan` (one image: a stream
+        frame) follows known faces instead of detecting and reuses scores of unchanged faces;
+        the image's `frame` then says what was done.
         """
         options = options or RequestOptions()
         if not self.ready or self._pool is None:
@@ -398,6 +434,8 @@ class Engine:
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
         units = [self._detect_units(data) for data in images]
+        if plan is not None and plan.follow is not None and self.face_backend.can_refit:
+            units = [u * FOLLOW_COST_SHARE for u in units]
         try:
             ticket = self.admission.admit(units, deadline, check=shed)
         except QueueFull:
@@ -405,7 +443,7 @@ class Engine:
             raise
         try:
             async with asyncio.timeout(timeout):
-                return await self._infer(images, options, deadline, units)
+                return await self._infer(images, options, deadline, units, plan)
         except (TimeoutError, DeadlineExceeded):
             # The batcher may notice the deadline (item expired in its queue) before the timer.
             self.metrics.reject("deadline")
@@ -443,7 +481,12 @@ class Engine:
             raise InvalidRequest(f"top_k must be between 1 and {len(self.class_names)}")
 
     async def _infer(
-        self, images: Sequence[bytes], options: RequestOptions, deadline: float | None, units: list[float]
+        self,
+        images: Sequence[bytes],
+        options: RequestOptions,
+        deadline: float | None,
+        units: list[float],
+        plan: FramePlan | None = None,
     ) -> InferenceResult:
         assert self._detect is not None and self._classify is not None and self._pool is not None
         pool = self._pool
@@ -474,15 +517,22 @@ class Engine:
                     check_crop_size(d.width, d.height)
                 except ImageDecodeError as error:
                     raise ImageRejected(index, error) from None
-        queries = [
-            _FaceQuery(
-                d.pixels,
-                min_size,
-                None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),),
-                deadline,
-            )
-            for d in decoded
-        ]
+        if plan is not None and plan.follow:
+            queries = [
+                _FaceQuery(d.pixels, min_size, plan.follow, deadline, refit=True, retry=False)
+                for d in decoded
+            ]
+        else:
+            queries = [
+                _FaceQuery(
+                    d.pixels,
+                    min_size,
+                    None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),),
+                    deadline,
+                    retry=plan is None,
+                )
+                for d in decoded
+            ]
         stage1: list[Batched[ImageFaces]] = await gather_or_cancel(
             self._detect.submit_many(queries, deadline, key=request, costs=units)
         )
@@ -494,6 +544,7 @@ class Engine:
         located = [(i, face) for i, faces in enumerate(kept) for face in faces]
         probabilities: list[np.ndarray] = []
         described: list[tuple[Pose, Quality]] = []
+        fresh: set[int] = set()
         if located:
             align_started = time.monotonic()
             self._aligning += 1
@@ -510,7 +561,11 @@ class Engine:
             finally:
                 self._aligning -= 1  # before the submit, as for decoding above
             timings.align_s = time.monotonic() - align_started
-            pending = self._classify.submit_many(list(crops), deadline)
+            reused: list[np.ndarray | None] = [None] * len(crops)
+            if plan is not None and plan.reuse is not None:
+                reused = plan.reuse([face for _, face in located], crops)
+            todo = [k for k, scores in enumerate(reused) if scores is None]
+            pending = self._classify.submit_many([crops[k] for k in todo], deadline) if todo else []
             # Pose and quality (CPU, numpy) run in the pool while stage 2 computes.
             describing = asyncio.wrap_future(
                 pool.submit(
@@ -520,13 +575,23 @@ class Engine:
                     [(i, f.box, f.landmarks) for i, f in located],
                 )
             )
-            stage2 = await gather_or_cancel(pending)
+            stage2 = await gather_or_cancel(pending) if todo else []
             described = await describing
-            timings.classify_queue_s = max(r.queue_s for r in stage2)
-            timings.classify_s = max(r.compute_s for r in stage2)
-            probabilities = [r.value for r in stage2]
+            if stage2:
+                timings.classify_queue_s = max(r.queue_s for r in stage2)
+                timings.classify_s = max(r.compute_s for r in stage2)
+            for k, r in zip(todo, stage2, strict=True):
+                reused[k] = r.value
+            probabilities = [p for p in reused if p is not None]
+            fresh = set(todo)
 
         results = self._assemble(decoded, stage1, kept, located, probabilities, described, options)
+        if plan is not None:
+            (image,) = results
+            faces = [face for _, face in located]
+            followed = bool(getattr(stage1[0].value, "refitted", False))
+            frame = FrameFaces(faces, [k in fresh for k in range(len(faces))] if located else [], followed)
+            results = [dataclasses.replace(image, frame=frame)]
         timings.total_s = time.monotonic() - started
         return InferenceResult(results, timings)
 

@@ -117,19 +117,25 @@ class FaceTracker:
         self.tracks: dict[int, Track] = {}
         self._next_id = 1
 
+    def match(self, boxes: Sequence[Box]) -> list[Track | None]:
+        """The open track each box belongs to (None: a new face); changes nothing, so `update`
+        with the same boxes makes the same matches."""
+        open_tracks = list(self.tracks.values())
+        overlap = iou_matrix([t.box for t in open_tracks], list(boxes))
+        matched: list[Track | None] = [None] * len(boxes)
+        if overlap.size:
+            rows, cols = linear_sum_assignment(-overlap)
+            for row, col in zip(rows, cols, strict=True):
+                if overlap[row, col] >= self.min_iou:
+                    matched[int(col)] = open_tracks[row]
+        return matched
+
     def update(
         self, frame_id: int, timestamp_ms: float, boxes: Sequence[Box], probabilities: Sequence[np.ndarray]
     ) -> FrameUpdate:
         """Match this frame's faces to open tracks, start new ones, end the ones lost too long."""
         events: list[TrackEvent] = []
-        open_tracks = list(self.tracks.values())
-        overlap = iou_matrix([t.box for t in open_tracks], list(boxes))
-        assigned: dict[int, Track] = {}
-        if overlap.size:
-            rows, cols = linear_sum_assignment(-overlap)
-            for row, col in zip(rows, cols, strict=True):
-                if overlap[row, col] >= self.min_iou:
-                    assigned[int(col)] = open_tracks[row]
+        assigned = dict(enumerate(self.match(boxes)))
         faces = []
         for index, (box, probs) in enumerate(zip(boxes, probabilities, strict=True)):
             track = assigned.get(index)

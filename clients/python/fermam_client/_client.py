@@ -196,6 +196,9 @@ class TrackedFace:
     face: Face
     smoothed_expression: str
     smoothed: dict[str, float]
+    # Whether the face was classified in this frame; False: its track's last scores were reused
+    # (the face's crop had barely changed). Servers before issue 24 classify every face: True.
+    fresh: bool = True
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,11 @@ def parse_stream_message(data: Mapping[str, Any]) -> StreamMessage:
     if kind == "result":
         faces = [
             TrackedFace(
-                f["track_id"], Face.from_json(f), f["smoothed"]["expression"], f["smoothed"]["scores"]
+                f["track_id"],
+                Face.from_json(f),
+                f["smoothed"]["expression"],
+                f["smoothed"]["scores"],
+                bool(f.get("fresh", True)),
             )
             for f in data["faces"]
         ]

@@ -49,12 +49,18 @@ class ImageFaces(list[DetectedFace]):
     that faces were found but dropped by `min_face_size` instead of silently returning fewer.
     """
 
-    def __init__(self, faces: Sequence[DetectedFace] = (), *, skipped_small: int = 0) -> None:
+    def __init__(
+        self, faces: Sequence[DetectedFace] = (), *, skipped_small: int = 0, refitted: bool = False
+    ) -> None:
         super().__init__(faces)
         self.skipped_small = skipped_small
+        # True when the faces were followed from known boxes (`FaceBackend.refit`), not detected.
+        self.refitted = refitted
 
     def __repr__(self) -> str:
-        return f"ImageFaces({list.__repr__(self)}, skipped_small={self.skipped_small})"
+        return (
+            f"ImageFaces({list.__repr__(self)}, skipped_small={self.skipped_small}, refitted={self.refitted})"
+        )
 
 
 class FaceBackend(abc.ABC):
@@ -68,6 +74,9 @@ class FaceBackend(abc.ABC):
     name: str
     min_face_size: int
     concurrent: bool = False
+    # Whether `refit` can follow faces between frames; a stream on a backend that cannot runs the
+    # full detector on every frame.
+    can_refit: bool = False
 
     @abc.abstractmethod
     def detect(
@@ -83,6 +92,12 @@ class FaceBackend(abc.ABC):
     @abc.abstractmethod
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace]:
         """68 points for each given box (x, y, w, h) of `image`; no detection runs."""
+
+    def refit(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace | None] | None:
+        """Follow known faces into a new frame: for each box (where a face was a frame ago), the
+        face found near it with its 68 landmarks, or None where the fit fails (the face left, turned
+        away or moved too far). None for the whole call: this backend cannot refit."""
+        return None
 
     def warmup(self) -> None:
         """Run once on a synthetic image so the first request pays no lazy-initialisation cost."""

@@ -14,12 +14,14 @@ with 0 the smallest face found is ~80 px, with 1 ~40 px, with 2 ~20 px; each dou
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import dlib
 import numpy as np
+from PIL import Image
 
 from service.engine.faces.base import (
     NUM_LANDMARKS,
@@ -33,6 +35,13 @@ from service.engine.faces.base import (
 )
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+
+# refit: the search area around a known box (a fraction of its side on every side), the size its
+# box is scaled to (HOG's window is 80 px, so the face is found on the first pyramid levels), and
+# how much the found box must overlap the known one to be the same face.
+REFIT_MARGIN = 0.5
+REFIT_FACE_PX = 100
+REFIT_MIN_IOU = 0.3
 
 
 def bundled_models_dir() -> Path:
@@ -51,6 +60,7 @@ class DlibFaceBackend(FaceBackend):
 
     name = "dlib"
     concurrent = True  # one detector per calling thread, a shared predictor
+    can_refit = True
 
     def __init__(
         self,
@@ -102,6 +112,51 @@ class DlibFaceBackend(FaceBackend):
             results.append(sort_and_filter(faces, min_size))
         return results
 
+    def refit(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace | None]:
+        """The HOG detector on a small crop around each known box (scaled so the face is about
+        `REFIT_FACE_PX`: ~2-4 ms instead of ~200 ms for a 640x480 frame), then the 68 landmarks
+        in the box it finds. The fit-quality check is the detector's own: a face must score above
+        `adjust_threshold` there and overlap the known box by `REFIT_MIN_IOU`, else None."""
+        rgb = as_rgb_uint8(image)
+        height, width = rgb.shape[:2]
+        detector = self._detector()
+        faces: list[DetectedFace | None] = []
+        for x, y, w, h in boxes:
+            side = max(w, h)
+            margin = REFIT_MARGIN * side
+            left, top = max(0, int(x - margin)), max(0, int(y - margin))
+            right, bottom = (
+                min(width, int(np.ceil(x + w + margin))),
+                min(height, int(np.ceil(y + h + margin))),
+            )
+            if side <= 0 or right - left < 16 or bottom - top < 16:
+                faces.append(None)
+                continue
+            # A scale on the full detector's pyramid (2**upsample, then steps of 5/6), so the box
+            # found here is the one a full detection would find.
+            top_scale = 2.0**self.upsample
+            steps = max(0, math.floor(math.log(top_scale * side / REFIT_FACE_PX) / math.log(6 / 5)))
+            scale = top_scale * (5 / 6) ** steps
+            crop = rgb[top:bottom, left:right]
+            size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+            crop = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
+            rects, scores, _ = detector.run(crop, 0, self.adjust_threshold)
+            known = ((x - left) * scale, (y - top) * scale, w * scale, h * scale)
+            best, best_iou = None, REFIT_MIN_IOU
+            for rect, score in zip(rects, scores, strict=True):
+                found = (rect.left(), rect.top(), rect.width(), rect.height())
+                overlap = _iou(found, known)
+                if overlap >= best_iou:
+                    best, best_iou = (found, float(score)), overlap
+            if best is None:
+                faces.append(None)
+                continue
+            (fx, fy, fw, fh), score = best
+            box = (fx / scale + left, fy / scale + top, fw / scale, fh / scale)
+            fit = self.landmarks_for_boxes(rgb, [box])[0]
+            faces.append(DetectedFace(fit.box, score, fit.landmarks, detected=True))
+        return faces
+
     def landmarks_for_boxes(self, image: np.ndarray, boxes: Sequence[Box]) -> list[DetectedFace]:
         rgb = as_rgb_uint8(image)
         faces = []
@@ -124,3 +179,11 @@ class DlibFaceBackend(FaceBackend):
         # dlib rectangles are inclusive: width = right - left + 1.
         box = (float(rect.left()), float(rect.top()), float(rect.width()), float(rect.height()))
         return DetectedFace(box, score, points, detected)
+
+
+def _iou(a: Box, b: Box) -> float:
+    left, top = max(a[0], b[0]), max(a[1], b[1])
+    right, bottom = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, right - left) * max(0.0, bottom - top)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0

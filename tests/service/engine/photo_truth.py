@@ -24,6 +24,8 @@ class DetectQuery:
     min_face_size: int = 0
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
     deadline: float | None = None
+    refit: bool = False
+    retry: bool = True
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,26 @@ def test_unknown_backend_and_gpu_dlib_are_refused():
         create_face_backend("opencv")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="CPU only"):
         create_face_backend("dlib", device="cuda")
+
+
+def test_refit_follows_a_moved_face_and_fails_where_there_is_none(shared_face_backend) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from media_clips import NO_FACE, letterboxed_frames
+
+    first, *_, last = letterboxed_frames("two_people.jpg", 6)
+    boxes = [face.box for face in shared_face_backend.detect([first])[0]]
+    truth = shared_face_backend.detect([last])[0]
+    followed = shared_face_backend.refit(last, boxes)
+    assert len(followed) == len(truth) == 2
+    for face in followed:
+        assert face is not None and face.detected
+        twin = max(truth, key=lambda t: box_iou(t.box, face.box))
+        assert box_iou(twin.box, face.box) > 0.5
+        inter_ocular = np.linalg.norm(twin.landmarks[36] - twin.landmarks[45])
+        assert np.linalg.norm(face.landmarks - twin.landmarks, axis=1).mean() < 0.05 * inter_ocular
+    # The fit check: no face scores where the faces were in a photo of grass.
+    (grass,) = letterboxed_frames(NO_FACE, 1)
+    assert shared_face_backend.refit(grass, boxes) == [None, None]
