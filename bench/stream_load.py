@@ -55,12 +55,12 @@ async def one_stream(base: str, frames: list[bytes], fps: float, duration_s: flo
     latencies: list[float] = []
     dropped = 0
     with_faces = 0
-    errors = 0
+    errors: dict[str, int] = {}
     tracks: set[int] = set()
     async with AsyncClient(base, timeout_s=duration_s + 120) as client, client.stream() as session:
 
         async def reader() -> None:
-            nonlocal dropped, with_faces, errors
+            nonlocal dropped, with_faces
             while session.ended is None:
                 message = await session.recv()
                 if isinstance(message, FrameResult):
@@ -69,7 +69,7 @@ async def one_stream(base: str, frames: list[bytes], fps: float, duration_s: flo
                     with_faces += bool(message.faces)
                     tracks.update(face.track_id for face in message.faces)
                 elif isinstance(message, FrameError):
-                    errors += 1
+                    errors[message.code] = errors.get(message.code, 0) + 1
                 elif hasattr(message, "dropped_counts") and session.ended is not None:
                     dropped += sum(message.dropped_counts.values())
 
@@ -109,7 +109,8 @@ async def run(base: str, streams: int, fps: float, duration_s: float, clips: lis
         "sent": sent,
         "answered": sum(r["answered"] for r in results),
         "dropped": sum(r["dropped"] for r in results),
-        "errors": sum(r["errors"] for r in results),
+        "errors": sum(sum(r["errors"].values()) for r in results),
+        "error_codes": {c: sum(r["errors"].get(c, 0) for r in results) for r in results for c in r["errors"]},
         "p50": percentile(lat, 0.5),
         "p95": percentile(lat, 0.95),
         "mean": statistics.fmean(lat) if lat else float("nan"),
@@ -179,6 +180,8 @@ def main() -> None:
                     f" {r['mean']:>8.0f}  {'yes' if holds else 'no'}",
                     flush=True,
                 )
+                if r["error_codes"]:
+                    print(f"        errors by code: {r['error_codes']}", flush=True)
     finally:
         if process is not None:
             process.terminate()

@@ -246,19 +246,19 @@ class Settings(BaseSettings):
         description="How long a face track stays open without a matching face, ms of frame time.",
     )
     stream_detect_every: int = Field(
-        10,
+        15,
         ge=1,
         description="WS /v1/stream: run the full face detector every N frames (and when a face cannot "
         "be followed); in between, each face is followed from its last box. 1 detects every frame.",
     )
     stream_classify_every: int = Field(
-        10,
+        15,
         ge=1,
         description="WS /v1/stream: classify a followed face at least every K frames; in between, only "
         "when its aligned crop changed by more than --stream-classify-change. 1 classifies every frame.",
     )
     stream_classify_change: float = Field(
-        0.03,
+        0.05,
         ge=0,
         description="WS /v1/stream: a face is classified again when the mean absolute difference of "
         "its aligned crop (model input, pixels in 0-1) from the last classified one exceeds this.",

@@ -37,7 +37,7 @@ from service.engine.batcher import (
     gather_or_cancel,
 )
 from service.engine.decode import DecodedImage, ImageDecodeError, declared_size, decode_image
-from service.engine.detect_stage import check_crop_size, detect_units, run_detect_batch
+from service.engine.detect_stage import check_crop_size, detect_units, follow, run_detect_batch
 from service.engine.face_quality import Pose, Quality, describe_faces
 from service.engine.faces import Box, DetectedFace, FaceBackend, ImageFaces, create_face_backend
 from service.engine.fair_pool import FairThreadPool
@@ -184,9 +184,10 @@ class _FaceQuery:
     retry: bool = True
 
 
-# What following a frame's faces costs against detecting them, for admission (dlib: a few ms
-# against ~200 ms at 640x480).
-FOLLOW_COST_SHARE = 0.05
+# What following one face costs against detecting the whole frame, for admission: the stage's
+# measured seconds per unit must hold for both (dlib at 640x480: ~13 ms a face, crop search and
+# landmarks, against ~200 ms for the full search, measured on the shared 2-core CPU).
+FOLLOW_COST_SHARE = 0.07
 
 
 def _start_every_thread(pool: ThreadPoolExecutor, threads: int) -> None:
@@ -434,8 +435,9 @@ class Engine:
         self._check_options(images, options)
         timeout = None if deadline is None else deadline - time.monotonic()
         units = [self._detect_units(data) for data in images]
-        if plan is not None and plan.follow is not None and self.face_backend.can_refit:
-            units = [u * FOLLOW_COST_SHARE for u in units]
+        if plan is not None and plan.follow and self.face_backend.can_refit and self.face_backend.concurrent:
+            # Following runs outside the detect stage; a failed follow is detected on top of it.
+            units = [u * FOLLOW_COST_SHARE * len(plan.follow) for u in units]
         try:
             ticket = self.admission.admit(units, deadline, check=shed)
         except QueueFull:
@@ -517,11 +519,17 @@ class Engine:
                     check_crop_size(d.width, d.height)
                 except ImageDecodeError as error:
                     raise ImageRejected(index, error) from None
-        if plan is not None and plan.follow:
-            queries = [
-                _FaceQuery(d.pixels, min_size, plan.follow, deadline, refit=True, retry=False)
-                for d in decoded
-            ]
+        followed = None
+        if plan is not None and plan.follow and self.face_backend.concurrent:
+            # Following costs a few ms a face: it runs in the CPU pool, not in the detect stage's
+            # batches, where it would wait for other frames' full searches (~200 ms each).
+            follow_started = time.monotonic()
+            followed = await asyncio.wrap_future(
+                pool.submit(request, follow, self.face_backend, decoded[0].pixels, plan.follow)
+            )
+            follow_s = time.monotonic() - follow_started
+        if followed is not None:
+            stage1: list[Batched[ImageFaces]] = [Batched(followed, 0.0, follow_s, 1)]
         else:
             queries = [
                 _FaceQuery(
@@ -533,9 +541,13 @@ class Engine:
                 )
                 for d in decoded
             ]
-        stage1: list[Batched[ImageFaces]] = await gather_or_cancel(
-            self._detect.submit_many(queries, deadline, key=request, costs=units)
-        )
+            # A follow that failed is a full search: the stage's seconds per unit stay true.
+            costs = (
+                [self._detect_units(data) for data in images] if plan is not None and plan.follow else units
+            )
+            stage1 = await gather_or_cancel(
+                self._detect.submit_many(queries, deadline, key=request, costs=costs)
+            )
         timings.detect_queue_s = max(r.queue_s for r in stage1)
         timings.detect_s = max(r.compute_s for r in stage1)
 

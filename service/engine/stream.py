@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import time
 import uuid
 from collections import deque
@@ -96,9 +97,9 @@ class TrackingPolicy:
     after `classify_every` frames; otherwise its last scores are reused (`fresh: false`).
     """
 
-    detect_every: int = 10
-    classify_every: int = 10
-    classify_change: float = 0.03
+    detect_every: int = 15
+    classify_every: int = 15
+    classify_change: float = 0.05
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrackingPolicy:
@@ -251,6 +252,10 @@ class StreamSession:
         self._classified: dict[int, _Classified] = {}
         self._crops: list[torch.Tensor] = []  # the current frame's aligned crops, face order
         self._followed_run = 0  # frames followed since the last detection
+        # Sessions that start together would detect on the same frames, every N frames, and queue
+        # behind one another's ~200 ms searches: each starts its cadence at its own phase.
+        self._detect_phase = random.randrange(self.policy.detect_every)
+        self._detected_once = False
         self._last_processed: int | None = None  # frame id
         self.metrics = getattr(engine, "metrics", None)
         self.options = options
@@ -578,7 +583,11 @@ class StreamSession:
         probs = [np.array([f.scores[c] for c in self.engine.class_names]) for f in image.faces]
         update = self._tracker.update(frame.frame_id, frame.timestamp_ms, [f.box for f in image.faces], probs)
         fresh = image.frame.fresh if image.frame is not None else [True] * len(image.faces)
-        self._followed_run = self._followed_run + 1 if image.frame is not None and image.frame.followed else 0
+        if image.frame is not None and image.frame.followed:
+            self._followed_run += 1
+        else:
+            self._followed_run = 0 if self._detected_once else self._detect_phase
+            self._detected_once = True
         self._last_processed = frame.frame_id
         faces = []
         for k, (face, tracked) in enumerate(zip(image.faces, update.faces, strict=True)):

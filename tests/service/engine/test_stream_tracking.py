@@ -95,8 +95,9 @@ def test_followed_faces_skip_the_detector_and_reuse_unchanged_scores(engine, cli
     results = run_session(engine, clips["two_people.jpg"], TrackingPolicy(detect_every=4, classify_every=3))
     assert len(results) == FRAMES
     assert all(len(r["faces"]) == 2 for r in results)
-    # Frames 0 and 4 are detected, the others followed (a failed fit would add a detection).
-    assert calls[0] <= 3, calls[0]
+    # Frame 0 is detected, then one frame in 4 (at the session's random phase), the others
+    # followed: 2-3 detections, one more for a failed fit; 8 without following.
+    assert calls[0] <= 4, calls[0]
     fresh = [face["fresh"] for r in results for face in r["faces"]]
     assert all(face["fresh"] for face in results[0]["faces"])  # a new track is classified at once
     assert fresh.count(False) >= len(fresh) // 3, fresh

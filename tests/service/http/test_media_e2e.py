@@ -59,6 +59,9 @@ def test_stream_keeps_track_ids_across_frames_and_ends_every_track(server) -> No
     ids = [sorted(f.track_id for f in r.faces) for r in results]
     assert ids == [[1, 2, 3]] * 4
     assert [e.type for e in results[0].events] == ["track_start"] * 3
+    # A new track is classified at once; the client reads `fresh` for every face.
+    assert [f.fresh for f in results[0].faces] == [True] * 3
+    assert all(isinstance(f.fresh, bool) for r in results for f in r.faces)
     for r in results:
         for f in r.faces:
             assert math.isclose(sum(f.face.scores.values()), 1.0, abs_tol=1e-5)
