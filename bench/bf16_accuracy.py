@@ -32,6 +32,7 @@ from model.checkpoint import load_checkpoint  # noqa: E402
 from model.data import load_dataset  # noqa: E402
 from model.device import cpu_has_native_bf16  # noqa: E402
 from model.evaluate import compute_report, predict_logits  # noqa: E402
+from model.scoring import class_scores  # noqa: E402
 from model.weights import default_weights_path  # noqa: E402
 
 DATA = REPO / ".." / "shared" / "data"
@@ -51,7 +52,7 @@ def val_arm(
                 raise RuntimeError("the emulation saw no convolution: it measured float32")
         else:
             logits = predict_logits(model, data.images, model.config.contract, batch_size=batch)
-    probs = torch.softmax(logits[:, order] / model.config.temperature, -1).numpy()
+    probs = class_scores(logits, model.config)[:, order].numpy()
     return probs, time.perf_counter() - start
 
 

@@ -33,6 +33,7 @@ from machine import cpu_model  # noqa: E402  (bench/machine.py, beside this scri
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.data.transforms import to_model_input  # noqa: E402
 from model.device import cpu_has_native_bf16  # noqa: E402
+from model.scoring import class_scores  # noqa: E402
 from model.weights import default_weights_path  # noqa: E402
 from service.engine import cpu_runtime as rt  # noqa: E402
 
@@ -126,8 +127,8 @@ def main() -> int:
     reference = None
     accuracy: dict[str, tuple[float, float, float]] = {}
     for name, run in variants.items():
-        logits = torch.cat([run(faces[i : i + 32]) for i in range(0, len(faces), 32)])[:, order]
-        probs = torch.softmax(logits.float(), -1)
+        logits = torch.cat([run(faces[i : i + 32]) for i in range(0, len(faces), 32)])
+        probs = class_scores(logits, model.config)[:, order]  # the service's scores
         top1 = probs.argmax(1)
         if reference is None:
             reference = (probs, top1)

@@ -123,9 +123,27 @@ class FERMamConfig:
     asfr_dt_rank: int = 8
     dropout: float = 0.1
     landmark_frozen: bool = True
-    # Softmax temperature fitted on validation logits (model.calibration): scores are
-    # softmax(logits / temperature). 1.0 means uncalibrated (checkpoints from before it existed).
+    # The scoring rule (model/scoring.py applies it, model/calibration.py fits it): scores are
+    # softmax((logits - prior_exponent * log(class_prior)) / temperature). The temperature sets
+    # the confidence; 1.0 means uncalibrated (checkpoints from before it existed).
     temperature: float = 1.0
+    # The training labels' class frequencies (class_names order) and how much of their lean the
+    # decision removes (post-hoc logit adjustment); None / 0.0: none (older checkpoints).
+    class_prior: tuple[float, ...] | None = None
+    prior_exponent: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.class_prior is not None:
+            if len(self.class_prior) != len(self.class_names):
+                raise ValueError(
+                    f"class_prior has {len(self.class_prior)} values for {len(self.class_names)} classes"
+                )
+            if not all(p > 0 for p in self.class_prior):
+                raise ValueError(f"class_prior must be positive, got {self.class_prior}")
+        elif self.prior_exponent != 0.0:
+            raise ValueError("prior_exponent needs a class_prior")
 
     @property
     def num_classes(self) -> int:
@@ -155,6 +173,8 @@ class FERMamConfig:
         for key in ("class_names", "ir_units"):
             if key in data:
                 data[key] = tuple(data[key])
+        if data.get("class_prior") is not None:
+            data["class_prior"] = tuple(float(p) for p in data["class_prior"])
         return cls(contract=contract, **data)
 
     @classmethod
@@ -162,4 +182,5 @@ class FERMamConfig:
         return cls.from_dict(json.loads(text))
 
     def with_classes(self, class_names: tuple[str, ...]) -> FERMamConfig:
-        return replace(self, class_names=tuple(class_names))
+        # A prior belongs to the old class list; new classes start without one.
+        return replace(self, class_names=tuple(class_names), class_prior=None, prior_exponent=0.0)

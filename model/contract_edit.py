@@ -1,8 +1,10 @@
-"""`fermam contract`: show a checkpoint's input contract, or write a copy with some fields changed.
+"""`fermam contract`: show a checkpoint's input contract and scoring rule, or write a copy with
+some contract fields changed.
 
 Preprocessing choices measured after training (the template's scale, what fills a crop's
 corners) belong in the checkpoint, the one source of truth the service reads, not in service
-settings; this writes them there without touching the weights.
+settings; this writes them there without touching the weights. The scoring rule (temperature and
+logit adjustment, model/scoring.py) travels in the same config; `fermam calibrate` writes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from model.config import InputContract
+from model.config import FERMamConfig, InputContract
 
 # Fields a user may set; the template itself comes from training (`fermam pseudo-landmarks`).
 EDITABLE = ("template_scale", "padding", "colour_mode")
@@ -38,6 +40,17 @@ def contract_summary(contract: InputContract) -> dict[str, Any]:
     summary = dataclasses.asdict(contract)
     summary["template"] = f"{len(contract.template)} points"
     return summary
+
+
+def scoring_summary(config: FERMamConfig) -> dict[str, Any]:
+    """How logits become scores: scores = softmax((logits - prior_exponent * log(class_prior)) /
+    temperature); the prior per class name, or None where the checkpoint has none."""
+    prior = config.class_prior
+    return {
+        "temperature": config.temperature,
+        "prior_exponent": config.prior_exponent,
+        "class_prior": None if prior is None else dict(zip(config.class_names, prior, strict=True)),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model, metadata = load_checkpoint(weights, map_location="cpu")
     if args.out is None:
-        print(json.dumps(contract_summary(model.config.contract), indent=2))
+        summary = contract_summary(model.config.contract) | {"scoring": scoring_summary(model.config)}
+        print(json.dumps(summary, indent=2))
         return 0
     try:
         contract = dataclasses.replace(model.config.contract, **dict(args.assignments))

@@ -22,8 +22,13 @@ from torch import nn
 from model.config import InputContract
 from model.data import SPEC_HELP, FaceArrays, load_dataset, to_model_input
 from model.device import resolve_device, resolve_dtype
+from model.scoring import adjusted_logits
 
 DEFAULT_BATCH_SIZE = 256
+# Macro recall is also given over the classes with at least this many labelled rows: on a small
+# set (realfaces-dev has 5-7 photos of disgust, fear and contempt) one photo of a tiny class moves
+# the all-class mean by 2-3 points and hides what the large classes do.
+COMMON_CLASS_MIN_SUPPORT = 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +66,24 @@ class EvalReport:
             "confusion": self.confusion.tolist(),
             "classes": list(self.class_names),
         }
+
+
+def recall_per_class(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class, (C,) float64, NaN where a class has no rows; a prediction outside
+    0..C-1 (a photo without a face) is simply wrong."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    rows = [predictions[labels == k] for k in range(num_classes)]
+    return np.array([(row == k).mean() if len(row) else np.nan for k, row in enumerate(rows)])
+
+
+def macro_recall(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, *, min_support: int = 1
+) -> float:
+    """Mean recall over the classes with at least `min_support` rows (NaN if there are none)."""
+    recall = recall_per_class(labels, predictions, num_classes)
+    support = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    kept = recall[support >= max(min_support, 1)]
+    return float(kept.mean()) if len(kept) else math.nan
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -159,13 +182,16 @@ def evaluate(
     """Score `model` (a FERMam, or anything with `.config.contract` and `.config.class_names`) on `data`.
 
     The input contract comes from the model's config unless given, so eval preprocesses exactly as
-    the checkpoint was trained; logits are matched to the data's classes by name.
+    the checkpoint was trained; logits are matched to the data's classes by name. The decision is
+    the checkpoint's scoring rule (model/scoring.py: its logit adjustment), as the service makes it.
     """
     config = model.config
     contract = contract or config.contract
     order = _column_order(tuple(config.class_names), data.class_names)
     logits = predict_logits(model, data.images, contract, batch_size=batch_size, device=device)
-    predictions = logits[:, order].argmax(dim=1).numpy() if len(data) else np.zeros(0, np.int64)
+    if not len(data):
+        return compute_report(data.labels, np.zeros(0, np.int64), data.class_names, data.exact_dup)
+    predictions = adjusted_logits(logits, config)[:, order].argmax(dim=1).numpy()
     return compute_report(data.labels, predictions, data.class_names, data.exact_dup)
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported when quantising, so `fermam quantize --help` stays fast
     import torch
 
+    from model.config import FERMamConfig
+
 DEFAULT_FACES = 300  # NNCF's default subset size: ranges settle well before it
 
 
@@ -40,13 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(
-    run: Callable[[torch.Tensor], torch.Tensor], faces: torch.Tensor, labels: torch.Tensor, order: list[int]
+    run: Callable[[torch.Tensor], torch.Tensor],
+    faces: torch.Tensor,
+    labels: torch.Tensor,
+    order: list[int],
+    config: FERMamConfig,
 ) -> tuple[float, torch.Tensor]:
-    """Accuracy and top-1 of `run` on faces (logits reordered to the split's class order)."""
+    """Accuracy and top-1 of `run` on faces, decided by the checkpoint's scoring rule as the
+    service decides (columns reordered to the split's class order)."""
     import torch
 
-    logits = torch.cat([run(faces[i : i + 32]) for i in range(0, len(faces), 32)])[:, order]
-    top1 = logits.argmax(1)
+    from model.scoring import adjusted_logits
+
+    logits = torch.cat([run(faces[i : i + 32]) for i in range(0, len(faces), 32)])
+    top1 = adjusted_logits(logits, config)[:, order].argmax(1)
     return float((top1 == labels).float().mean()), top1
 
 
@@ -96,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         faces = to_model_input(held.images[: args.check_faces], contract)
         labels = torch.from_numpy(held.labels[: args.check_faces])
         order = [list(model.config.class_names).index(n) for n in held.class_names]
-        ref_acc, ref_top1 = _score(rt.torch_classifier(model), faces, labels, order)
+        ref_acc, ref_top1 = _score(rt.torch_classifier(model), faces, labels, order, model.config)
         int8 = rt.openvino_file_classifier(rt.read_int8_model(args.out, sha), args.threads)
-        acc, top1 = _score(int8, faces, labels, order)
+        acc, top1 = _score(int8, faces, labels, order, model.config)
         agree = float((top1 == ref_top1).float().mean())
         print(
             f"{args.check} ({len(faces)} faces): float32 {100 * ref_acc:.2f}%, int8 {100 * acc:.2f}% "

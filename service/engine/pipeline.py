@@ -26,6 +26,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.config import FERMamConfig
 from model.device import resolve_device, resolve_dtype
+from model.scoring import class_scores
 from service.engine.admission import Admission
 from service.engine.align_bounded import align_faces_bounded
 from service.engine.batcher import (
@@ -703,6 +704,7 @@ class Engine:
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=narrow):
                 logits = self.model(batch)  # (B, classes)
-        # Calibrated: the checkpoint's fitted temperature (model.calibration) sets the confidence.
-        probs = torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu().numpy()
+        # The checkpoint's scoring rule (logit adjustment and temperature, model/scoring.py),
+        # after whichever runtime made the logits, so no runtime can skip it.
+        probs = class_scores(logits, self.config).cpu().numpy()
         return list(probs)

@@ -49,6 +49,48 @@ def test_save_then_load_gives_identical_outputs_and_metadata(model, face, tmp_pa
     assert read_metadata(path)["val_accuracy"] == 0.8123
 
 
+def test_the_scoring_rule_survives_save_and_load(model, face, tmp_path: Path):
+    from dataclasses import replace
+
+    prior = (0.3, 0.1, 0.05, 0.25, 0.1, 0.1, 0.1)
+    ruled = FERMam(replace(model.config, temperature=1.04, class_prior=prior, prior_exponent=0.5))
+    ruled.load_state_dict(model.state_dict())
+    path = save_checkpoint(tmp_path / "ruled.safetensors", ruled)
+    loaded, metadata = load_checkpoint(path)
+    assert loaded.config == ruled.config
+    assert (loaded.config.temperature, loaded.config.class_prior, loaded.config.prior_exponent) == (
+        1.04,
+        prior,
+        0.5,
+    )
+    assert metadata["config"].class_prior == prior
+
+
+def test_checkpoints_from_before_the_scoring_rule_load_unchanged(model, face, tmp_path: Path):
+    """A file whose config JSON predates the temperature and the prior (as every checkpoint did
+    before them) loads with the rule that changes nothing: T = 1, no prior, exponent 0."""
+    import json
+
+    path = save_checkpoint(tmp_path / "new.safetensors", model)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+    config = json.loads(metadata["fermam_config"])
+    for key in ("temperature", "class_prior", "prior_exponent"):
+        del config[key]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata | {"fermam_config": json.dumps(config)})
+    loaded, _ = load_checkpoint(old)
+    assert loaded.config == model.config
+    assert (loaded.config.temperature, loaded.config.class_prior, loaded.config.prior_exponent) == (
+        1.0,
+        None,
+        0.0,
+    )
+    with torch.no_grad():
+        assert torch.equal(loaded(face), model(face))
+
+
 def test_fp16_checkpoint_loads_into_fp32_modules(model, face, tmp_path: Path):
     path = save_checkpoint(tmp_path / "half.safetensors", model, dtype=torch.float16)
     with safe_open(str(path), framework="pt") as handle:

@@ -38,6 +38,35 @@ def test_scores_follow_the_scoring_convention(dev: Path, engine_factory) -> None
             assert sum(p["scores"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+class _AlwaysNeutral:
+    """An engine stand-in that finds one face in every photo and calls it neutral."""
+
+    class_names = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def infer(self, images, options, **kwargs):
+        from types import SimpleNamespace
+
+        face = SimpleNamespace(
+            expression="neutral", scores={c: float(c == "neutral") for c in self.class_names}
+        )
+        return SimpleNamespace(images=[SimpleNamespace(faces=[face])])
+
+
+def test_macro_recall_is_also_given_over_the_classes_with_enough_photos(dev: Path) -> None:
+    """Disgust, fear and contempt have 5-7 photos each: the mean over the five classes with at
+    least 20 photos is reported beside the 8-class one."""
+    result = evaluate_photos(_AlwaysNeutral(), dev)
+    assert result.common_classes == ("neutral", "happiness", "surprise", "sadness", "anger")
+    assert result.macro_recall == pytest.approx(1 / 8)
+    assert result.macro_recall_common == pytest.approx(1 / 5)
+    summary = result.to_dict()
+    assert summary["macro_recall_common"] == pytest.approx(1 / 5) and summary["common_class_min_photos"] == 20
+
+
 def test_cli_prints_json_and_confusion_png(dev: Path, tmp_path: Path) -> None:
     png = tmp_path / "confusion.png"
     out = subprocess.run(
@@ -46,7 +75,10 @@ def test_cli_prints_json_and_confusion_png(dev: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"accuracy", "macro_recall", "face_found_rate", "per_class_recall", "confusion"} <= set(summary)
+    assert {"accuracy", "macro_recall", "macro_recall_common", "face_found_rate", "per_class_recall"} <= set(
+        summary
+    )
+    assert summary["macro_recall_common"] is None  # four photos: no class has 20
     assert summary["n"] == 4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

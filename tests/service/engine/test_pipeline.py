@@ -225,8 +225,49 @@ def test_the_channels_last_engine_gives_the_contiguous_models_scores(engine) -> 
         fast = np.stack(engine._classify_batch(list(crops[:count])))
         with torch.inference_mode():
             logits = reference(crops[:count])
-        expected = torch.softmax(logits / engine.config.temperature, -1).numpy()
+        expected = reference_scores(logits.numpy(), engine.config)
         np.testing.assert_allclose(fast, expected, atol=1e-5)
+
+
+def reference_scores(logits: np.ndarray, config) -> np.ndarray:
+    """The scoring rule written out in float64: softmax((z - a log prior) / T)."""
+    z = logits.astype(np.float64)
+    if config.class_prior is not None:
+        z = z - config.prior_exponent * np.log(np.asarray(config.class_prior))
+    z = z / config.temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_the_engine_scores_with_the_checkpoints_logit_adjustment(engine, engine_factory, tmp_path) -> None:
+    """A checkpoint's prior and exponent are applied by the engine, whichever runtime made the
+    logits: its probabilities are the reference formula's on the same faces (float32 pinned)."""
+    import dataclasses
+
+    from model.checkpoint import load_checkpoint, provenance_of, save_checkpoint
+
+    model, metadata = load_checkpoint(engine.settings.weights, map_location="cpu")
+    prior = (0.3488, 0.2908, 0.1257, 0.1202, 0.0838, 0.0047, 0.0212, 0.0047)  # FER+ train's shares
+    model.config = dataclasses.replace(model.config, temperature=1.04, class_prior=prior, prior_exponent=0.9)
+    ruled = save_checkpoint(tmp_path / "ruled.safetensors", model, metadata=provenance_of(metadata))
+    other = engine_factory(weights=ruled, dtype="float32")
+    images = [decode_image(photo(n), max_bytes=10**8, max_pixels=10**8).pixels for n in PHOTO_NAMES]
+    found = other.face_backend.detect(images)
+    crops = align_faces_bounded(
+        images, [(i, faces[0].landmarks) for i, faces in enumerate(found)], model.config.contract
+    )
+    scores = np.stack(other._classify_batch(list(crops)))
+    with torch.inference_mode():
+        logits = model(crops).numpy()
+    expected = reference_scores(logits, model.config)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    # Not the unadjusted rule: the exponent moves these faces' probabilities well past the tolerance.
+    assert (
+        np.abs(
+            expected - reference_scores(logits, dataclasses.replace(model.config, prior_exponent=0.0))
+        ).max()
+        > 0.05
+    )
 
 
 # The largest move of a face's probabilities under bf16 autocast, measured on these three faces
