@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from model.config import AFFECTNET8_CLASSES, FERPLUS_CLASSES, RAFDB_CLASSES, FERMamConfig
 
 if TYPE_CHECKING:  # torch is imported when counting, so `fermam complexity --help` stays fast
+    import torch
     from torch import nn
 
     from model.fermam import FERMam
@@ -39,15 +40,28 @@ def default_class_names(count: int) -> tuple[str, ...]:
 def measure(model: FERMam) -> dict[str, object]:
     """{"params", "macs", "modules": {child: {"params", "macs"}}} for one face at the contract's size."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     size = model.config.contract.input_size
     device = next(model.parameters()).device
+    return count(model, torch.zeros(1, 3, size, size, device=device))
+
+
+def count(model: nn.Module, example: torch.Tensor) -> dict[str, object]:
+    """Parameters and MACs of any network for one forward pass of ``example``, per child too.
+
+    The one counting method of the project: bench/compare_models.py counts the reference networks
+    with it, so their figures and FERMam's differ only by the networks. ``macs_by_operator`` splits
+    the total by ATen operator (convolution, addmm, bmm, ...), which tells a caller how much comes
+    from activation-by-activation products (attention's bmm) that thop, hooking modules, misses.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, depth=2)
     with counter, torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=device))
+        model(example)
     model.train(was_training)
     flops = counter.get_flop_counts()
     root = type(model).__name__
@@ -58,10 +72,12 @@ def measure(model: FERMam) -> dict[str, object]:
     modules: dict[str, dict[str, int]] = {}
     for name, child in model.named_children():
         modules[name] = {"params": _count(child), "macs": module_macs(name)}
+    by_operator = {str(op): int(n // 2) for op, n in flops.get("Global", {}).items()}
     return {
         "params": _count(model),
         "macs": int(counter.get_total_flops() // 2),
         "modules": modules,
+        "macs_by_operator": by_operator,
     }
 
 
