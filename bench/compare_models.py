@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -170,11 +171,10 @@ def speed(
     """Faces/s of every network at every batch, interleaved: round r runs each network once, the
     order rotated by r so that none always runs first or after the same neighbour."""
     names = list(models)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def call(name: str, x: torch.Tensor) -> float:
         start = time.perf_counter()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16"):
             out = models[name](x)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -216,7 +216,7 @@ def speed(
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Faces/s relative to FERMam's, per device, dtype and batch."""
     out: list[dict[str, Any]] = []
-    keys = sorted({(r["device"], r["dtype"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    keys = sorted({(r["device"], r["dtype"], r["batch"]) for r in rows})
     for device, dtype, batch in keys:
         same = {
             r["network"]: r["faces_per_s"]
@@ -249,6 +249,12 @@ def format_report(report: dict[str, Any]) -> str:
     )
     for note in report["run"]["notes"]:
         lines.append(note)
+    if "load_average_after" in report["run"]:
+        run = report["run"]
+        lines.append(
+            f"{run['cpu']}, {run['torch_threads']} torch threads; 1-min load average "
+            f"{run['load_average_before']:.2f} before, {run['load_average_after']:.2f} after"
+        )
     for ratio in report["run"].get("speed_ratios", []):
         faces = {
             name: next(
@@ -299,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__,
             "cpu": cpu_model(),
             "torch_threads": torch.get_num_threads(),
+            # Other work on the machine slows every figure; the ratios suffer less (interleaved).
+            "load_average_before": os.getloadavg()[0],
             "classes": args.classes,
             "input": [3, INPUT_SIZE, INPUT_SIZE],
             "counting": "model.complexity.count (fermam complexity's counter), meta device, batch 1",
@@ -338,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {k: v for k, v in r.items() if k != "network"} for r in rows if r["network"] == name
             ]
         report["run"]["speed_ratios"] = ratios(rows)
+        report["run"]["load_average_after"] = os.getloadavg()[0]
 
     if args.json:
         print(json.dumps(report))
