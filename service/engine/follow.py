@@ -77,10 +77,17 @@ class FrameFollower:
         crop_std: Sequence[float],
         can_follow: bool,
         phase: int = 0,
+        retry: bool = False,
+        redetect_lost: bool = False,
     ) -> None:
         self.tracker = tracker
         self.policy = policy
         self.can_follow = can_follow
+        self.retry = retry  # FramePlan.retry: detections get the grey-margin search
+        # Detect again on the frame after a detection that lost a face the frame before had:
+        # following only the faces found would leave the lost one out until the next detection.
+        self.redetect_lost = redetect_lost
+        self._lost = False
         # The model input's std per channel: crop differences are measured in pixels (0-1).
         self._crop_std = torch.tensor(tuple(crop_std), dtype=torch.float32).view(-1, 1, 1)
         self._classified: dict[int, _Classified] = {}
@@ -95,10 +102,11 @@ class FrameFollower:
         """Follow the faces of the last recorded frame, or detect (see TrackingPolicy)."""
         follow = None
         seen = [t.box for t in self.tracker.tracks.values() if t.last_frame == self._last_recorded]
-        if seen and self.can_follow and self._followed_run + 1 < self.policy.detect_every:
+        retry_lost = self.redetect_lost and self._lost
+        if seen and self.can_follow and self._followed_run + 1 < self.policy.detect_every and not retry_lost:
             follow = tuple(seen)
         self._crops = []
-        return FramePlan(follow=follow, reuse=self._reuse)
+        return FramePlan(follow=follow, reuse=self._reuse, retry=self.retry)
 
     def _reuse(self, faces: Sequence[DetectedFace], crops: Sequence[torch.Tensor]) -> list[np.ndarray | None]:
         """Per face: its track's last scores if its crop barely changed, else None (classify)."""
@@ -117,7 +125,10 @@ class FrameFollower:
         self, frame_id: int, timestamp_ms: float, image: ImageResult, probabilities: Sequence[np.ndarray]
     ) -> FollowedFrame:
         """Track the frame's faces and keep what the next frames' plans need."""
+        before = {t.track_id for t in self.tracker.tracks.values() if t.last_frame == self._last_recorded}
         update = self.tracker.update(frame_id, timestamp_ms, [f.box for f in image.faces], probabilities)
+        # Only once: a face the retry does not find either is left to the next detection.
+        self._lost = not self._lost and bool(before - {f.track_id for f in update.faces})
         fresh = image.frame.fresh if image.frame is not None else [True] * len(image.faces)
         if image.frame is not None and image.frame.followed:
             self._followed_run += 1
