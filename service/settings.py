@@ -270,6 +270,21 @@ class Settings(BaseSettings):
         300.0, gt=0, description="POST /v1/videos: longest video, seconds (413)."
     )
     video_max_fps: float = Field(10.0, gt=0, description="POST /v1/videos: highest sampling rate, frames/s.")
+    video_track_min_fps: float = Field(
+        5.0,
+        ge=0,
+        description="POST /v1/videos: at this sampling rate and above, faces are followed between "
+        "detections and unchanged faces reuse their scores, as in streams (--stream-detect-every, "
+        "--stream-classify-every, --stream-classify-change); below it every sampled frame is "
+        "detected and classified. 0: never.",
+    )
+    video_classify_every: int = Field(
+        2,
+        ge=1,
+        description="POST /v1/videos, tracked: classify a followed face at least every K sampled frames "
+        "(a stream's --stream-classify-every); in between, only when its aligned crop changed by more "
+        "than --stream-classify-change. 1 classifies every face of every frame.",
+    )
 
     @field_validator("api_keys", "stream_allowed_origins", mode="before")
     @classmethod

@@ -99,12 +99,16 @@ ReuseScores = Callable[[Sequence[DetectedFace], Sequence[torch.Tensor]], list[np
 
 @dataclass(frozen=True)
 class FramePlan:
-    """How one stream frame goes through the engine (the stream session decides, per frame)."""
+    """How one frame of a stream or a tracked video goes through the engine (its FrameFollower
+    decides, per frame)."""
 
     # Follow the faces in these boxes (the previous frame's) instead of running the detector; if
     # any fit fails, the frame is detected in full after all. None: detect.
     follow: tuple[Box, ...] | None = None
     reuse: ReuseScores | None = None
+    # Search a frame where the detector found no face again inside a grey margin, as a photo is
+    # (`detect_retry_margin`): a stream skips it to keep its latency, a tracked video does not.
+    retry: bool = False
 
 
 @dataclass(frozen=True)
@@ -538,7 +542,7 @@ class Engine:
                     min_size,
                     None if options.detect else ((0.0, 0.0, float(d.width), float(d.height)),),
                     deadline,
-                    retry=plan is None,
+                    retry=plan is None or plan.retry,
                 )
                 for d in decoded
             ]

@@ -26,14 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from service.engine.batcher import DeadlineExceeded, QueueFull
-from service.engine.faces import DetectedFace
+from service.engine.follow import FrameFollower, TrackingPolicy
 from service.engine.pipeline import (
     Engine,
     FaceResult,
-    FramePlan,
     ImageRejected,
     InferenceResult,
     InvalidRequest,
@@ -83,40 +81,6 @@ class StreamLimits:
             frame_timeout_s=settings.default_timeout_ms / 1000.0,
             send_timeout_s=settings.stream_send_timeout_s,
         )
-
-
-@dataclass(frozen=True)
-class TrackingPolicy:
-    """When a session runs the detector and the classifier (docs/streaming.md, Tracking).
-
-    Between detections each face is followed from its last box (`FaceBackend.refit`: a local
-    search and the 68 landmarks, a few ms instead of a full-frame search); the detector runs every
-    `detect_every` frames (new faces are found then), when a face cannot be followed, and while no
-    face is tracked. A followed face is classified when its aligned crop changed by more than
-    `classify_change` (mean absolute difference, pixels in 0-1) since it was last classified, or
-    after `classify_every` frames; otherwise its last scores are reused (`fresh: false`).
-    """
-
-    detect_every: int = 15
-    classify_every: int = 15
-    classify_change: float = 0.05
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TrackingPolicy:
-        return cls(
-            detect_every=settings.stream_detect_every,
-            classify_every=settings.stream_classify_every,
-            classify_change=settings.stream_classify_change,
-        )
-
-
-@dataclass
-class _Classified:
-    """A track's last classification: the aligned crop it was made on and its scores."""
-
-    crop: torch.Tensor
-    scores: np.ndarray
-    age: int = 0  # frames processed since
 
 
 @dataclass(frozen=True)
@@ -247,16 +211,6 @@ class StreamSession:
     ) -> None:
         self.engine = engine
         self.policy = policy or TrackingPolicy.from_settings(engine.settings)
-        # The model input's std per channel: crop differences are measured in pixels (0-1).
-        self._crop_std = torch.tensor(engine.info.std, dtype=torch.float32).view(-1, 1, 1)
-        self._classified: dict[int, _Classified] = {}
-        self._crops: list[torch.Tensor] = []  # the current frame's aligned crops, face order
-        self._followed_run = 0  # frames followed since the last detection
-        # Sessions that start together would detect on the same frames, every N frames, and queue
-        # behind one another's ~200 ms searches: each starts its cadence at its own phase.
-        self._detect_phase = random.randrange(self.policy.detect_every)
-        self._detected_once = False
-        self._last_processed: int | None = None  # frame id
         self.metrics = getattr(engine, "metrics", None)
         self.options = options
         self.limits = limits
@@ -271,6 +225,15 @@ class StreamSession:
         max_faces = options.request.max_faces or engine.settings.max_faces
         self._tracker = FaceTracker(
             tau_ms=options.tau_ms, ttl_ms=limits.track_ttl_ms, max_open=TRACKS_PER_FACE * max_faces
+        )
+        self._follower = FrameFollower(
+            self._tracker,
+            self.policy,
+            crop_std=engine.info.std,
+            can_follow=engine.face_backend.can_refit,
+            # Sessions that start together would detect on the same frames, every N frames, and
+            # queue behind one another's ~200 ms searches: each starts its cadence at its own phase.
+            phase=random.randrange(self.policy.detect_every),
         )
         self._tokens = max(1.0, limits.max_fps)
         self._tokens_at = self._started
@@ -520,32 +483,10 @@ class StreamSession:
             return "client_end"
         return None
 
-    def _plan(self) -> FramePlan:
-        """Follow the faces of the last processed frame, or detect (see TrackingPolicy)."""
-        follow = None
-        seen = [t.box for t in self._tracker.tracks.values() if t.last_frame == self._last_processed]
-        if seen and self.engine.face_backend.can_refit and self._followed_run + 1 < self.policy.detect_every:
-            follow = tuple(seen)
-        self._crops = []
-        return FramePlan(follow=follow, reuse=self._reuse)
-
-    def _reuse(self, faces: list[DetectedFace], crops: list[torch.Tensor]) -> list[np.ndarray | None]:
-        """Per face: its track's last scores if its crop barely changed, else None (classify)."""
-        self._crops = list(crops)
-        out: list[np.ndarray | None] = []
-        for track, crop in zip(self._tracker.match([f.box for f in faces]), crops, strict=True):
-            last = None if track is None else self._classified.get(track.track_id)
-            if last is None or last.age + 1 >= self.policy.classify_every:
-                out.append(None)
-                continue
-            change = float(((crop - last.crop).abs() * self._crop_std).mean())
-            out.append(None if change > self.policy.classify_change else last.scores)
-        return out
-
     async def _run_frame(self, frame: _Frame) -> None:
         deadline = time.monotonic() + self.limits.frame_timeout_s
         self._current = current = asyncio.ensure_future(
-            self.engine.infer([frame.data], self.options.request, deadline, plan=self._plan())
+            self.engine.infer([frame.data], self.options.request, deadline, plan=self._follower.plan())
         )
         try:
             # The session's length holds even while a frame is in the engine.
@@ -581,14 +522,8 @@ class StreamSession:
     def _result(self, frame: _Frame, result: InferenceResult) -> dict[str, Any]:
         (image,) = result.images
         probs = [np.array([f.scores[c] for c in self.engine.class_names]) for f in image.faces]
-        update = self._tracker.update(frame.frame_id, frame.timestamp_ms, [f.box for f in image.faces], probs)
-        fresh = image.frame.fresh if image.frame is not None else [True] * len(image.faces)
-        if image.frame is not None and image.frame.followed:
-            self._followed_run += 1
-        else:
-            self._followed_run = 0 if self._detected_once else self._detect_phase
-            self._detected_once = True
-        self._last_processed = frame.frame_id
+        followed = self._follower.record(frame.frame_id, frame.timestamp_ms, image, probs)
+        update, fresh = followed.update, followed.fresh
         faces = []
         for k, (face, tracked) in enumerate(zip(image.faces, update.faces, strict=True)):
             smoothed = {c: float(p) for c, p in zip(self.engine.class_names, tracked.smoothed, strict=True)}
@@ -596,13 +531,6 @@ class StreamSession:
             entry["smoothed"] = {"expression": max(smoothed, key=smoothed.__getitem__), "scores": smoothed}
             entry["fresh"] = fresh[k]
             faces.append(entry)
-            if fresh[k] and k < len(self._crops):
-                self._classified[tracked.track_id] = _Classified(self._crops[k], probs[k])
-            elif tracked.track_id in self._classified:
-                self._classified[tracked.track_id].age += 1
-        for event in update.events:
-            if event.kind == "track_end":
-                self._classified.pop(event.track_id, None)
         t = result.timings
         return {
             "type": "result",

@@ -1,9 +1,13 @@
 """A video file -> one timeline of tracked faces per person, sampled at a requested rate.
 
-PyAV (FFmpeg in its wheels) decodes; each sampled frame goes through `Engine.infer` like an
-uploaded photo, several at a time so the batchers can group them; the tracker then walks the
-frames in time order. Frames are handed to the engine as BMP (a header on the raw pixels: no
-compression cost, lossless) or, when that would exceed the image byte limit, as JPEG.
+PyAV (FFmpeg in its wheels) decodes. At a sampling rate of at least `video_track_min_fps` the
+frames go through `Engine.infer` one after another, each planned from the last one's faces by a
+`FrameFollower` as a stream's are (followed faces skip the detector, unchanged ones reuse their
+scores), the next frame decoding meanwhile; below it samples lie too far apart for that to stay
+as accurate, and each goes through the full per-frame pipeline like an uploaded photo, several at
+a time so the batchers can group them. Either way the tracker walks the frames in time order.
+Frames are handed to the engine as BMP (a header on the raw pixels: no compression cost,
+lossless) or, when that would exceed the image byte limit, as JPEG.
 
 Decoding costs what is sampled, not what the file holds (issue 23: a 1.27 MB file of 290 s of
 4K at 60 fps sampled at fps=1e-300 decoded for 82 s): the declared frame size is checked against
@@ -17,21 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import av
 import numpy as np
 from PIL import Image
 
 from service.engine.batcher import DeadlineExceeded
-from service.engine.pipeline import Engine, FaceResult, InferenceResult, RequestOptions
-from service.engine.tracking import FaceTracker
+from service.engine.follow import FrameFollower, TrackingPolicy
+from service.engine.pipeline import Engine, FaceResult, ImageResult, InferenceResult, RequestOptions
+from service.engine.tracking import FaceTracker, FrameUpdate
 from service.settings import Settings
 
 BMP_HEADER_BYTES = 54
@@ -66,6 +73,9 @@ class VideoOptions:
     fps: float = 2.0
     request: RequestOptions = field(default_factory=lambda: RequestOptions(return_landmarks=False))
     tau_ms: float = 500.0
+    # Follow faces between detections (the tracked path) or not; None: as `video_track_min_fps`
+    # says for `fps`. For callers of the engine (benchmarks, tests); HTTP uses the setting.
+    track: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,7 @@ class TrackPoint:
     frame_index: int  # index among the sampled frames
     face: FaceResult
     smoothed: dict[str, float]
+    fresh: bool = True  # classified on this frame (False: the track's last scores, reused)
 
 
 @dataclass
@@ -102,8 +113,10 @@ class VideoResult:
     frames_sampled: int
     frames_with_faces: int
     tracks: list[VideoTrack]
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # on the decode thread, overlapping the engine's work when tracked
     total_s: float = 0.0
+    tracked: bool = False  # frames planned from the last frame's faces (video_track_min_fps)
+    frames_followed: int = 0  # frames whose faces were followed, the detector skipped
 
 
 def _encode(pixels: np.ndarray, max_bytes: int) -> bytes:
@@ -245,11 +258,88 @@ class _Sampler:
             self._can_seek = False
 
 
-def _next_or_none(frames: Iterator[tuple[float, bytes]]) -> tuple[float, bytes] | None:
+def _next_timed(frames: Iterator[tuple[float, bytes]]) -> tuple[tuple[float, bytes] | None, float]:
+    """The next sampled frame (None: no more, or stopped) and the seconds its decode took."""
+    started = time.monotonic()
     try:
-        return next(frames, None)
+        return next(frames, None), time.monotonic() - started
     except _Stopped:
-        return None
+        return None, time.monotonic() - started
+
+
+class _FrameReader:
+    """The sampler's frames, decoded one at a time on a worker thread. `start()` begins the next
+    decode so it can run while the engine works; `close()` stops it and waits for the thread."""
+
+    def __init__(self, sampler: _Sampler, metrics: Any) -> None:
+        self.sampler = sampler
+        self.metrics = metrics
+        self.frames = sampler.frames()
+        self.decode_s = 0.0
+        self.exhausted = False
+        self._decoding: asyncio.Future[tuple[tuple[float, bytes] | None, float]] | None = None
+
+    def start(self) -> None:
+        if self._decoding is None and not self.exhausted:
+            self._decoding = asyncio.get_running_loop().run_in_executor(None, _next_timed, self.frames)
+
+    async def next(self) -> tuple[float, bytes] | None:
+        self.start()
+        if self._decoding is None:
+            return None
+        try:
+            # Shielded: a cancelled request must not leave the generator running on a thread
+            # while it is closed below ("generator already executing"); it is stopped instead.
+            item, seconds = await asyncio.shield(self._decoding)
+        except DeadlineExceeded:
+            if self.metrics is not None:
+                self.metrics.reject("deadline")  # the engine counts its own; this one is ours
+            raise
+        self._decoding = None
+        self.decode_s += seconds
+        self.exhausted = item is None
+        return item
+
+    async def close(self) -> None:
+        self.sampler.stop.set()
+        decoding = self._decoding
+        # The decode returns at its next frame now that `stop` is set; wait for it (a second
+        # cancel cannot skip the wait) before closing the generator it runs.
+        while decoding is not None and not decoding.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({decoding})
+        if decoding is not None and not decoding.cancelled():
+            decoding.exception()  # retrieved: the request already fails for another reason
+        self.frames.close()
+
+
+class _Timeline:
+    """Per-track points, built frame by frame in time order."""
+
+    def __init__(self, class_names: tuple[str, ...]) -> None:
+        self.class_names = class_names
+        self.tracks: dict[int, VideoTrack] = {}
+        self.frames = 0
+        self.with_faces = 0
+        self.followed = 0
+
+    def probabilities(self, image: ImageResult) -> list[np.ndarray]:
+        return [np.array([f.scores[c] for c in self.class_names]) for f in image.faces]
+
+    def add(self, time_s: float, image: ImageResult, update: FrameUpdate, fresh: list[bool]) -> None:
+        index = self.frames
+        self.frames += 1
+        self.with_faces += bool(image.faces)
+        self.followed += bool(image.frame is not None and image.frame.followed)
+        for face, tracked, new in zip(image.faces, update.faces, fresh, strict=True):
+            smoothed = {c: float(p) for c, p in zip(self.class_names, tracked.smoothed, strict=True)}
+            track = self.tracks.setdefault(tracked.track_id, VideoTrack(tracked.track_id))
+            track.points.append(TrackPoint(time_s, index, face, smoothed, new))
+
+
+def tracks_video(settings: Settings, fps: float) -> bool:
+    """Whether a video sampled at `fps` goes through the tracked path (`video_track_min_fps`)."""
+    return settings.video_track_min_fps > 0 and fps >= settings.video_track_min_fps
 
 
 async def analyse_video(
@@ -264,85 +354,123 @@ async def analyse_video(
         raise VideoRejected(
             "invalid_request", f"fps must be between {MIN_FPS:g} and {settings.video_max_fps:g}"
         )
-    stop = threading.Event()
-    sampler = await asyncio.to_thread(_Sampler, source, options.fps, settings, deadline=deadline, stop=stop)
-    frames = sampler.frames()
-    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory:
-    # by count, and by pixels (each frame in flight holds its RGB copy and the engine's decode).
-    frame_pixels = max(1, sampler.width * sampler.height)
-    window = max(2, min(settings.detect_max_batch_size, WINDOW_PIXELS // frame_pixels))
-    pending: list[tuple[float, asyncio.Task[InferenceResult]]] = []
-    done: list[tuple[float, InferenceResult]] = []
-    decode_s = 0.0
-    loop = asyncio.get_running_loop()
-    decoding: asyncio.Future[tuple[float, bytes] | None] | None = None
+    sampler = await asyncio.to_thread(_Sampler, source, options.fps, settings, deadline=deadline)
+    reader = _FrameReader(sampler, metrics)
+    tracker = FaceTracker(tau_ms=options.tau_ms, ttl_ms=max(1000.0, 2500.0 / options.fps))
+    timeline = _Timeline(engine.class_names)
+    tracked = tracks_video(settings, options.fps) if options.track is None else options.track
     try:
-        while True:
-            while len(pending) < window:
-                t0 = time.monotonic()
-                # Shielded: a cancelled request must not leave the generator running on a thread
-                # while it is closed below ("generator already executing"); it is stopped instead.
-                decoding = loop.run_in_executor(None, _next_or_none, frames)
-                try:
-                    item = await asyncio.shield(decoding)
-                except DeadlineExceeded:
-                    if metrics is not None:
-                        metrics.reject("deadline")  # the engine counts its own; this one is ours
-                    raise
-                decoding = None
-                decode_s += time.monotonic() - t0
-                if item is None:
-                    break
-                t, data = item
-                # The first frame is judged by admission control like any request; the rest
-                # belong to a video already accepted, so its own frames cannot shed it.
-                request = engine.infer([data], options.request, deadline, shed=not pending and not done)
-                pending.append((t, asyncio.ensure_future(request)))
-            if not pending:
-                break
-            t, task = pending.pop(0)
-            done.append((t, await task))
+        if tracked:
+            await _followed_frames(engine, reader, tracker, timeline, options, deadline)
+        else:
+            await _windowed_frames(engine, reader, tracker, timeline, options, deadline)
     finally:
-        stop.set()
-        for _, task in pending:
-            task.cancel()
-        # The decode returns at its next frame now that `stop` is set; wait for it (a second
-        # cancel cannot skip the wait) before closing the generator it runs.
-        while decoding is not None and not decoding.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({decoding})
-        if decoding is not None and not decoding.cancelled():
-            decoding.exception()  # retrieved: the request already fails for another reason
-        frames.close()
+        await reader.close()
         if metrics is not None:
             metrics.video_frames_decoded.inc(sampler.frames_decoded)
-            metrics.video_decode.observe(decode_s)
+            metrics.video_decode.observe(reader.decode_s)
 
-    tracker = FaceTracker(tau_ms=options.tau_ms, ttl_ms=max(1000.0, 2500.0 / options.fps))
-    tracks: dict[int, VideoTrack] = {}
-    with_faces = 0
-    for index, (t, result) in enumerate(done):
-        (image,) = result.images
-        with_faces += bool(image.faces)
-        probs = [np.array([f.scores[c] for c in engine.class_names]) for f in image.faces]
-        update = tracker.update(index, t * 1000.0, [f.box for f in image.faces], probs)
-        for face, tracked in zip(image.faces, update.faces, strict=True):
-            smoothed = {c: float(p) for c, p in zip(engine.class_names, tracked.smoothed, strict=True)}
-            track = tracks.setdefault(tracked.track_id, VideoTrack(tracked.track_id))
-            track.points.append(TrackPoint(t, index, face, smoothed))
     duration = sampler.declared_s if sampler.declared_s is not None else sampler.last_time_s
     if metrics is not None:
         metrics.videos.inc()
-        metrics.video_frames_sampled.inc(len(done))
+        metrics.video_frames_sampled.inc(timeline.frames)
     return VideoResult(
         duration_s=float(duration),
         width=sampler.width,
         height=sampler.height,
         source_fps=sampler.source_fps,
         sample_fps=options.fps,
-        frames_sampled=len(done),
-        frames_with_faces=with_faces,
-        tracks=sorted(tracks.values(), key=lambda tr: tr.track_id),
-        decode_s=decode_s,
+        frames_sampled=timeline.frames,
+        frames_with_faces=timeline.with_faces,
+        tracks=sorted(timeline.tracks.values(), key=lambda tr: tr.track_id),
+        decode_s=reader.decode_s,
         total_s=time.monotonic() - started,
+        tracked=tracked,
+        frames_followed=timeline.followed,
     )
+
+
+async def _windowed_frames(
+    engine: Engine,
+    reader: _FrameReader,
+    tracker: FaceTracker,
+    timeline: _Timeline,
+    options: VideoOptions,
+    deadline: float | None,
+) -> None:
+    """Every sampled frame through the full per-frame pipeline, several in the engine at once."""
+    # Enough frames in the engine at once to fill a detection batch, few enough to bound memory:
+    # by count, and by pixels (each frame in flight holds its RGB copy and the engine's decode).
+    frame_pixels = max(1, reader.sampler.width * reader.sampler.height)
+    window = max(2, min(engine.settings.detect_max_batch_size, WINDOW_PIXELS // frame_pixels))
+    pending: deque[tuple[float, asyncio.Task[InferenceResult]]] = deque()
+    sent = 0
+    try:
+        while True:
+            while len(pending) < window:
+                item = await reader.next()
+                if item is None:
+                    break
+                t, data = item
+                # The first frame is judged by admission control like any request; the rest
+                # belong to a video already accepted, so its own frames cannot shed it.
+                request = engine.infer([data], options.request, deadline, shed=sent == 0)
+                pending.append((t, asyncio.ensure_future(request)))
+                sent += 1
+            if not pending:
+                return
+            t, task = pending.popleft()
+            (image,) = (await task).images
+            probs = timeline.probabilities(image)
+            update = tracker.update(timeline.frames, t * 1000.0, [f.box for f in image.faces], probs)
+            timeline.add(t, image, update, [True] * len(image.faces))
+    finally:
+        for _, task in pending:
+            task.cancel()
+
+
+async def _followed_frames(
+    engine: Engine,
+    reader: _FrameReader,
+    tracker: FaceTracker,
+    timeline: _Timeline,
+    options: VideoOptions,
+    deadline: float | None,
+) -> None:
+    """Sampled frames one after another, each planned from the faces of the one before (as a
+    stream's are): followed frames skip the detector and unchanged faces reuse their scores. The
+    next frame decodes while the engine works on this one."""
+    follower = FrameFollower(
+        tracker,
+        # A timeline reports every point's scores, and a borderline face's answer flips between
+        # near-identical crops: scores older than `video_classify_every` frames are not reused.
+        dataclasses.replace(
+            TrackingPolicy.from_settings(engine.settings), classify_every=engine.settings.video_classify_every
+        ),
+        crop_std=engine.info.std,
+        can_follow=engine.face_backend.can_refit,
+        # Phase 0, not a stream's random phase: the same file gives the same answer, and videos
+        # that start together can share their detection batches.
+        phase=0,
+        # Detected frames are searched as the per-frame path searches them, and a face a
+        # detection missed is looked for again on the next frame, as the per-frame path would.
+        retry=True,
+        redetect_lost=True,
+    )
+    item = await reader.next()
+    while item is not None:
+        t, data = item
+        index = timeline.frames
+        work = asyncio.ensure_future(
+            engine.infer([data], options.request, deadline, shed=index == 0, plan=follower.plan())
+        )
+        reader.start()
+        try:
+            result = await work
+        finally:
+            if not work.done():
+                work.cancel()
+        (image,) = result.images
+        followed = follower.record(index, t * 1000.0, image, timeline.probabilities(image))
+        timeline.add(t, image, followed.update, followed.fresh)
+        item = await reader.next()

@@ -245,6 +245,11 @@ class TimelinePoint(BaseModel):
     scores: dict[str, float]
     top: list[schemas.LabelScore] | None = None
     smoothed: dict[str, float] = Field(description="The track's EMA of scores at this point.")
+    fresh: bool = Field(
+        True,
+        description="Whether the face was classified on this frame; false: its track's last scores "
+        "were reused (a tracked video, the face's crop had barely changed).",
+    )
 
 
 class TrackSummary(BaseModel):
@@ -270,6 +275,13 @@ class VideoInfo(BaseModel):
     sample_fps: float
     frames_sampled: int
     frames_with_faces: int
+    tracked: bool = Field(
+        False,
+        description="Whether frames were planned from the last frame's faces (sample_fps at least "
+        "the server's --video-track-min-fps): faces followed between detections, unchanged faces' "
+        "scores reused.",
+    )
+    frames_followed: int = Field(0, description="Sampled frames whose faces were followed, no detector run.")
 
 
 class VideoTimings(BaseModel):
@@ -432,6 +444,7 @@ def _video_response(info: Any, result: VideoResult) -> VideoResponse:
                     frame=point.frame_index,
                     **face_fields(face),
                     smoothed=point.smoothed,
+                    fresh=point.fresh,
                 )
             )
         mean = track.mean_scores(info.class_names)
@@ -459,6 +472,8 @@ def _video_response(info: Any, result: VideoResult) -> VideoResponse:
             sample_fps=result.sample_fps,
             frames_sampled=result.frames_sampled,
             frames_with_faces=result.frames_with_faces,
+            tracked=result.tracked,
+            frames_followed=result.frames_followed,
         ),
         tracks=tracks,
         timings=VideoTimings(decode_ms=result.decode_s * 1000, total_ms=result.total_s * 1000),

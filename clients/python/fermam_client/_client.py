@@ -144,6 +144,9 @@ class TimelinePoint:
     frame: int
     face: Face
     smoothed: dict[str, float]
+    # Whether the face was classified on this frame; False: its track's last scores were reused
+    # (a tracked video). Servers before issue 24's tracked videos classify every face: True.
+    fresh: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,9 @@ class VideoResult:
                 mean_scores=t["summary"]["mean_scores"],
                 expression_frames=t["summary"]["expression_frames"],
                 timeline=[
-                    TimelinePoint(p["t"], p["frame"], Face.from_json(p), dict(p["smoothed"]))
+                    TimelinePoint(
+                        p["t"], p["frame"], Face.from_json(p), dict(p["smoothed"]), bool(p.get("fresh", True))
+                    )
                     for p in t["timeline"]
                 ],
             )

@@ -108,6 +108,9 @@ def test_video_gives_one_timeline_per_person(server, tmp_path) -> None:
     assert result.video["frames_sampled"] == 15 and result.video["frames_with_faces"] == 10
     assert result.video["duration_s"] == pytest.approx(3.0, abs=0.15)
     assert len(result.tracks) == 3
+    # fps 5 is the default --video-track-min-fps: faces followed, each point says if it is fresh.
+    assert result.video["tracked"] and result.video["frames_followed"] > 0
+    assert all(p.timeline[0].fresh for p in result.tracks)
     for track in result.tracks:
         assert track.frames == len(track.timeline) == 10
         assert track.first_s == pytest.approx(0.0) and track.last_s == pytest.approx(1.8)
