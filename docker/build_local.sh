@@ -1,38 +1,58 @@
 #!/usr/bin/env bash
-# Builds docker/Dockerfile.cpu for real on a machine that reaches no image registry and no PyTorch
-# index (only Debian's mirror and PyPI, possibly through a TLS-intercepting proxy), then runs the
-# image and checks what a deployment relies on. Run as root from anywhere; it takes minutes.
+# Builds docker/Dockerfile.cpu (or, with `cuda`, docker/Dockerfile) for real on a machine that
+# reaches no image registry and no PyTorch index (only Debian's mirror and PyPI, possibly through
+# a TLS-intercepting proxy), then runs the image and checks what a deployment relies on. Run as
+# root from anywhere; it takes minutes (the CUDA image: about half an hour on 2 cores).
 #
-#   docker/build_local.sh
+#   docker/build_local.sh [cpu|cuda]
 #
 # Steps: (1) a Debian bookworm base made with debootstrap and `docker import`; (2) a stand-in for
-# python:3.11-slim-bookworm on it (Debian's Python 3.11 as `python`); (3) an image holding the
-# torch wheel from this machine's disk; (4) docker/Dockerfile.cpu built with those as build
-# arguments and the CA bundle as a BuildKit secret; (5) the container started with
-# --network none until /readyz answers 200 (the models load offline); (6) started again on the
-# host network: /readyz, a real photo through /v1/expressions, /metrics, the non-root user, the
-# HEALTHCHECK turning healthy, and SIGTERM exiting 0 within the drain timeout.
+# python:3.11-slim-bookworm on it (Debian's Python 3.11 as `python`, with its headers as the
+# official image has them); (3) an image holding the torch wheel from this machine's disk (for
+# `cuda`: the CUDA torch wheel, every wheel it depends on, and nvcc's wheels); (4) the Dockerfile
+# built with those as build arguments and the CA bundle as a BuildKit secret; (5) the container
+# started with --network none until /readyz answers 200 (the models load offline); (6) started
+# again on the host network: /readyz, a real photo through /v1/expressions, /metrics, the
+# non-root user, the HEALTHCHECK turning healthy, and SIGTERM exiting 0 within the drain timeout.
+# The CUDA image runs here with FERMAM_DEVICE=cpu (no GPU); (7) it also reports, from inside the
+# image, whether mamba-ssm's compiled kernel imports and which GPU code it holds.
 #
 # Environment (defaults in brackets):
-#   DOCKER [docker]                   the Docker client
-#   START_DOCKERD [1]                 start `dockerd --storage-driver=vfs` if no engine answers, and
-#                                     stop it at the end
+#   DOCKER [docker, or Debian's /usr/bin/docker when `docker` is a client without buildx]
+#   START_DOCKERD [1]                 start `dockerd` if no engine answers, and stop it at the end
+#   DOCKERD_STORAGE_DRIVER []         its storage driver (empty: dockerd's choice, overlay2 on ext4;
+#                                     vfs works anywhere but copies every layer whole)
 #   WORK [/var/tmp/fermam-build]      debootstrap root, wheel copy, compat Dockerfile, logs
 #   DEBIAN_MIRROR [apt's own]         mirror for debootstrap
 #   CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt]  PEM bundle pip trusts inside the build
-#   TORCH_VERSION [2.13.0]            found by the host's pip (its find-links or index)
+#   TORCH_VERSION [cpu: 2.13.0, cuda: 2.14.1]  found by the host's pip (its find-links or index)
+#   CUDA_ARCHS [8.0 9.0+PTX]          cuda: the kernel's architectures (the Dockerfile's default is
+#                                     "8.0 8.6 8.9 9.0+PTX": about twice the compile time)
+#   MAX_JOBS [2]                      cuda: parallel nvcc jobs
+#   FACE_WEIGHTS_DIR []               cuda: a folder holding face-alignment's two weight files;
+#                                     without it the image is built with FACE_BACKEND=dlib (their
+#                                     download host is not reachable from this project's machines)
 #   PHOTO [first .jpg in /work/shared/data/photos]  the photo sent to /v1/expressions
 #   PORT [18615]                      loopback port of the host-network run
-#   IMAGE [fermam-service:cpu-local]  tag of the built image
+#   IMAGE [fermam-service:VARIANT-local]  tag of the built image
 #   CLEAN [0]                         1: remove containers and images at the end (system prune)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+variant=${1:-cpu}
+case $variant in
+  cpu) source_dockerfile=$repo/docker/Dockerfile.cpu; torch_version=${TORCH_VERSION:-2.13.0} ;;
+  cuda) source_dockerfile=$repo/docker/Dockerfile; torch_version=${TORCH_VERSION:-2.14.1} ;;
+  *) echo "usage: build_local.sh [cpu|cuda]" >&2; exit 2 ;;
+esac
+# Docker's newer clients build only through buildx; Debian's 20.10 client still speaks BuildKit.
 docker=${DOCKER:-docker}
+if [[ -z ${DOCKER:-} ]] && ! docker buildx version >/dev/null 2>&1 && [[ -x /usr/bin/docker ]]; then
+  docker=/usr/bin/docker
+fi
 work=${WORK:-/var/tmp/fermam-build}
 ca_bundle=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-torch_version=${TORCH_VERSION:-2.13.0}
 port=${PORT:-18615}
-image=${IMAGE:-fermam-service:cpu-local}
+image=${IMAGE:-fermam-service:$variant-local}
 debian_base=fermam-local/debian:bookworm
 python_base=fermam-local/python:3.11-slim-bookworm
 wheels_image=fermam-local/torch-wheels:$torch_version
@@ -57,8 +77,9 @@ trap cleanup EXIT
 # -- the engine ----------------------------------------------------------------------------------
 if ! "$docker" info >/dev/null 2>&1; then
   [[ ${START_DOCKERD:-1} == 1 ]] || fail "no Docker engine answers"
-  log "starting dockerd --storage-driver=vfs (log: $work/dockerd.log)"
-  dockerd --storage-driver=vfs >"$work/dockerd.log" 2>&1 &
+  storage=${DOCKERD_STORAGE_DRIVER:+--storage-driver=$DOCKERD_STORAGE_DRIVER}
+  log "starting dockerd $storage (log: $work/dockerd.log)"
+  dockerd $storage >"$work/dockerd.log" 2>&1 &
   dockerd_pid=$!
   for _ in $(seq 60); do "$docker" info >/dev/null 2>&1 && break; sleep 1; done
   "$docker" info >/dev/null 2>&1 || fail "dockerd did not start: $(tail -n 5 "$work/dockerd.log")"
@@ -70,11 +91,11 @@ log "Docker engine $server_version"
 # Dockerfile frontend of its time, which has no `RUN --network`, and cannot pull the frontend the
 # `# syntax=` line names without a registry. Then a copy without both is built; the offline check
 # that `RUN --network=none` makes at build time is made by step 5 instead.
-dockerfile=$repo/docker/Dockerfile.cpu
+dockerfile=$source_dockerfile
 if (( ${server_version%%.*} < 23 )); then
-  dockerfile=$work/Dockerfile.cpu.engine${server_version%%.*}
-  sed -e '/^# syntax=/d' -e 's/^RUN --network=none /RUN /' "$repo/docker/Dockerfile.cpu" >"$dockerfile"
-  log "engine < 23: building $dockerfile (docker/Dockerfile.cpu without '# syntax=' and 'RUN --network=none')"
+  dockerfile=$work/$(basename "$source_dockerfile").engine${server_version%%.*}
+  sed -e '/^# syntax=/d' -e 's/^RUN --network=none /RUN /' "$source_dockerfile" >"$dockerfile"
+  log "engine < 23: building $dockerfile (${source_dockerfile#"$repo"/} without '# syntax=' and 'RUN --network=none')"
 fi
 
 # -- (1) (2) (3) local bases ---------------------------------------------------------------------
@@ -94,27 +115,55 @@ log "building $python_base"
 "$docker" build --network host -q -t "$python_base" - >/dev/null <<EOF
 FROM $debian_base
 RUN apt-get update \\
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \\
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev ca-certificates \\
  && rm -rf /var/lib/apt/lists/* \\
  && ln -s /usr/bin/python3 /usr/local/bin/python
 EOF
 
 rm -rf "$work/wheels" && mkdir -p "$work/wheels"
-python3 -m pip download --quiet --no-deps --only-binary :all: --dest "$work/wheels" "torch==$torch_version" \
-  || fail "the host's pip finds no torch $torch_version wheel"
-log "torch wheel: $(ls "$work/wheels")"
+build_args=()
+run_env=()
+if [[ $variant == cpu ]]; then
+  python3 -m pip download --quiet --no-deps --only-binary :all: --dest "$work/wheels" "torch==$torch_version" \
+    || fail "the host's pip finds no torch $torch_version wheel"
+  log "torch wheel: $(ls "$work/wheels")"
+else
+  # The CUDA wheel with all it depends on (cuDNN, cuBLAS, NCCL, triton: about 3 GB), and nvcc's
+  # wheels at the CUDA toolkit version it requires, so the build takes them from this image.
+  python3 -m pip download --quiet --only-binary :all: --dest "$work/wheels" "torch==$torch_version" \
+    2> >(grep -v '^WARNING: Location' >&2) || fail "the host's pip finds no torch $torch_version wheel"
+  toolkit=$(unzip -p "$work"/wheels/torch-"$torch_version"-*.whl "torch-$torch_version.dist-info/METADATA" \
+    | sed -n 's/^Requires-Dist: cuda-toolkit\[[^]]*\]\(==[0-9.]*\).*/\1/p')
+  [[ -n $toolkit ]] || fail "torch $torch_version names no cuda-toolkit version (a CPU wheel?)"
+  python3 -m pip download --quiet --only-binary :all: --dest "$work/wheels" "cuda-toolkit[nvcc,cccl]$toolkit" \
+    2> >(grep -v '^WARNING: Location' >&2) || fail "no cuda-toolkit$toolkit wheels"
+  log "CUDA torch $torch_version and its wheels (cuda-toolkit$toolkit): $(ls "$work/wheels" | wc -l) files, $(du -sh "$work/wheels" | cut -f1)"
+  build_args+=(--build-arg TORCH_VERSION="$torch_version" --build-arg CUDA_ARCHS="${CUDA_ARCHS:-8.0 9.0+PTX}"
+    --build-arg MAX_JOBS="${MAX_JOBS:-2}")
+  run_env=(-e FERMAM_DEVICE=cpu)  # no GPU on this build machine
+  if [[ -n ${FACE_WEIGHTS_DIR:-} ]]; then
+    printf 'FROM scratch\nCOPY s3fd-*.pth 2DFAN4-*.pth.tar /\n' \
+      | "$docker" build -q -t fermam-local/face-weights -f - "$FACE_WEIGHTS_DIR" >/dev/null
+    build_args+=(--build-arg FACE_WEIGHTS=fermam-local/face-weights)
+  else
+    log "no FACE_WEIGHTS_DIR: building with FACE_BACKEND=dlib (face-alignment's weights are not fetched)"
+    build_args+=(--build-arg FACE_BACKEND=dlib)
+  fi
+fi
 printf 'FROM scratch\nCOPY *.whl /\n' | "$docker" build -q -t "$wheels_image" -f - "$work/wheels" >/dev/null
 
 # -- (4) the image -------------------------------------------------------------------------------
-log "building $image from docker/Dockerfile.cpu (log: $work/build.log)"
+build_log=$work/build-$variant.log
+log "building $image from ${source_dockerfile#"$repo"/} (log: $build_log)"
 start=$SECONDS
 "$docker" build --network host --progress plain \
   -f "$dockerfile" -t "$image" \
   --build-arg BASE_IMAGE="$python_base" \
   --build-arg TORCH_WHEELS="$wheels_image" \
   --build-arg TORCH_INDEX= \
+  "${build_args[@]}" \
   --secret id=ca_bundle,src="$ca_bundle" \
-  "$repo" >"$work/build.log" 2>&1 || fail "docker build: $(tail -n 20 "$work/build.log")"
+  "$repo" >"$build_log" 2>&1 || fail "docker build: $(tail -n 20 "$build_log")"
 build_s=$((SECONDS - start))
 size=$("$docker" image inspect --format '{{.Size}}' "$image")
 log "built in $build_s s; image size $((size / 1000000)) MB ($size bytes)"
@@ -133,7 +182,7 @@ wait_ready() {  # container, seconds: until healthcheck.py /readyz passes inside
 
 # -- (5) no network ------------------------------------------------------------------------------
 log "run with --network none"
-"$docker" run -d --name fermam-offline --network none "$image" >/dev/null
+"$docker" run -d --name fermam-offline --network none "${run_env[@]}" "$image" >/dev/null
 ready_s=$(wait_ready fermam-offline 300)
 log "offline: /readyz 200 after $ready_s s with no network (models loaded from the image)"
 "$docker" rm -f fermam-offline >/dev/null
@@ -141,7 +190,7 @@ log "offline: /readyz 200 after $ready_s s with no network (models loaded from t
 # -- (6) host network ----------------------------------------------------------------------------
 photo=${PHOTO:-$(ls /work/shared/data/photos/*.jpg | head -n 1)}
 log "run on the host network, port $port (loopback only), drain timeout $drain_s s"
-"$docker" run -d --name fermam-host --network host \
+"$docker" run -d --name fermam-host --network host "${run_env[@]}" \
   -e FERMAM_HOST=127.0.0.1 -e FERMAM_PORT="$port" -e FERMAM_DRAIN_TIMEOUT_S="$drain_s" \
   -e FERMAM_TORCH_THREADS=2 "$image" >/dev/null
 ready_s=$(wait_ready fermam-host 300)
@@ -185,4 +234,17 @@ exit_code=$("$docker" inspect -f '{{.State.ExitCode}}' fermam-host)
 python3 -c "import sys; sys.exit(float(sys.argv[1]) > float(sys.argv[2]))" "$stop_s" "$drain_s" \
   || fail "SIGTERM: exited after $stop_s s, more than the $drain_s s drain timeout"
 log "SIGTERM: exit code 0 after $stop_s s (drain timeout $drain_s s)"
-log "OK: image $image, $((size / 1000000)) MB, built in $build_s s"
+
+# -- (7) the CUDA image's kernel -------------------------------------------------------------------
+if [[ $variant == cuda ]]; then
+  kernel_check='import torch, selective_scan_cuda, mamba_ssm
+from model.scan import available_backends
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); {selective_scan_cuda.__file__} imports;"
+      f" mamba_ssm {mamba_ssm.__version__}; scan backends {available_backends()};"
+      f" CUDA usable here: {torch.cuda.is_available()}")'
+  log "kernel: $("$docker" run --rm --network none "$image" python -c "$kernel_check" 2>&1 | tail -n 1)"
+  "$docker" run --rm --network none --entrypoint sh "$image" \
+    -c 'cat /opt/venv/lib/python3*/site-packages/selective_scan_cuda*.so' >"$work/selective_scan_cuda.so"
+  log "kernel GPU code: $(python3 "$repo/docker/fatbin_archs.py" "$work/selective_scan_cuda.so")"
+fi
+log "OK: image $image, $((size / 1000000)) MB, built in $build_s s; the whole script took $SECONDS s"

@@ -63,9 +63,22 @@ fi
 tar xzf "$sdist" -C "$work"
 src=$(ls -d "$work"/mamba_ssm-*/)
 
-# Replace setup.py's fixed nine-architecture gencode list by the one asked for.
-"$python" "$here/mamba_gencode.py" "$archs" "$src/setup.py" >/dev/null
-echo "building for: $expected_sms"
+# Replace setup.py's fixed nine-architecture gencode list by the one asked for, and its fixed
+# -std=c++17 by the standard the installed torch's headers demand (C++20 from torch 2.14 on).
+cxx_std=$("$python" - "$here" <<'PY'
+import sys
+from pathlib import Path
+
+from torch.utils.cpp_extension import include_paths
+
+sys.path.insert(0, sys.argv[1])
+from mamba_gencode import torch_cxx_standard
+
+print(torch_cxx_standard((Path(include_paths()[0]) / "ATen" / "ATen.h").read_text()))
+PY
+)
+"$python" "$here/mamba_gencode.py" "$archs" "$src/setup.py" "$cxx_std" >/dev/null
+echo "building for: $expected_sms, C++$cxx_std"
 
 # MAMBA_FORCE_BUILD: otherwise setup.py first tries to download a prebuilt wheel, and fails offline.
 # --no-deps: its runtime dependencies (einops, transformers, triton, ...) are the caller's concern.
@@ -83,12 +96,13 @@ echo "built $wheel in $((SECONDS - start)) s"
 "$python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$work/check"
 library=$(ls "$work"/check/selective_scan_cuda*.so)
 PYTHONPATH="$work/check" "$python" -c 'import torch, selective_scan_cuda; print("loads:", selective_scan_cuda.__name__)'
-if command -v cuobjdump >/dev/null; then
-  found=" $(cuobjdump --list-elf "$library" | grep -o 'sm_[0-9]*' | sort -u | tr '\n' ' ')"
-  echo "machine code in the library:$found"
-  for sm in $expected_sms; do
-    [[ $found == *" $sm "* ]] || { echo "build_mamba_ssm.sh: $sm missing from the library" >&2; exit 1; }
-  done
-else
-  echo "build_mamba_ssm.sh: cuobjdump not found, architectures not checked" >&2
-fi
+# cuobjdump is in no PyPI wheel (the CUDA image's nvcc comes from those): fatbin_archs.py reads
+# the same fat binary headers. Machine code for each architecture must be there, PTX where asked.
+found=" $("$python" "$here/fatbin_archs.py" "$library") "
+echo "GPU code in the library:$found"
+for sm in $expected_sms; do
+  [[ $found == *" $sm "* ]] || { echo "build_mamba_ssm.sh: $sm missing from the library" >&2; exit 1; }
+done
+for ptx in $("$python" "$here/mamba_gencode.py" --ptx "$archs"); do
+  [[ $found == *" $ptx "* ]] || { echo "build_mamba_ssm.sh: $ptx (PTX) missing from the library" >&2; exit 1; }
+done

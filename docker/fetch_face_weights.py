@@ -7,13 +7,19 @@ names carry the first hex digits of each file's SHA-256 (torch.hub's convention)
 does not match is deleted and the build fails. tests/deploy checks these URLs against the ones
 the installed face-alignment release uses, so an upgrade cannot silently change them.
 
-    python fetch_face_weights.py DEST_DIR
+Where the download host cannot be reached from the build (a mirror-only or air-gapped build host),
+`--from DIR` takes the files from DIR instead (the Dockerfile mounts its `face-weights-src` stage
+there: `--build-context face-weights-src=DIR` or `--build-arg FACE_WEIGHTS=IMAGE`); they are held
+to the same digests, and a file missing there is downloaded.
+
+    python fetch_face_weights.py DEST_DIR [--from DIR]
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -53,15 +59,36 @@ def fetch(url: str, dest_dir: Path) -> Path:
     return target
 
 
+def copy_verified(source: Path, url: str, dest_dir: Path) -> Path:
+    """Copy a local copy of `url`'s file into `dest_dir`, held to the digest prefix in its name."""
+    digest = hashlib.sha256()
+    with source.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    prefix = expected_sha256_prefix(url)
+    if not digest.hexdigest().startswith(prefix):
+        raise RuntimeError(f"{source}: SHA-256 {digest.hexdigest()} does not start with {prefix}")
+    target = dest_dir / source.name
+    shutil.copyfile(source, target)
+    return target
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: fetch_face_weights.py DEST_DIR", file=sys.stderr)
+    local_dir: Path | None = None
+    if len(argv) == 3 and argv[1] == "--from":
+        local_dir = Path(argv[2])
+    elif len(argv) != 1:
+        print("usage: fetch_face_weights.py DEST_DIR [--from DIR]", file=sys.stderr)
         return 2
     dest_dir = Path(argv[0])
     dest_dir.mkdir(parents=True, exist_ok=True)
     for name, url in FACE_ALIGNMENT_WEIGHTS.items():
-        path = fetch(url, dest_dir)
-        print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB, SHA-256 prefix verified)")
+        local = None if local_dir is None else local_dir / url.rsplit("/", 1)[-1]
+        if local is not None and local.is_file():
+            path, how = copy_verified(local, url, dest_dir), f"from {local_dir}"
+        else:
+            path, how = fetch(url, dest_dir), "downloaded"
+        print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {how}, SHA-256 prefix verified)")
     return 0
 
 

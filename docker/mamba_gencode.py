@@ -6,10 +6,16 @@ hour. This rewrites that list, just before the extension's flags are assembled, 
 architectures asked for. Standard library only: it runs in the image's build stage before
 anything else is installed, and in CI against the shared source package.
 
-    python docker/mamba_gencode.py "8.0 8.6 8.9 9.0+PTX" [path/to/setup.py]
+    python docker/mamba_gencode.py "8.0 8.6 8.9 9.0+PTX" [path/to/setup.py [CXX_STD]]
+    python docker/mamba_gencode.py --ptx "8.0 8.6 8.9 9.0+PTX"    # compute_90
 
 prints the ``sm_XY`` names the built library must contain and, given setup.py, patches it in
-place (without it, only checks the architectures, before anything slow starts).
+place (without it, only checks the architectures, before anything slow starts); with ``--ptx``,
+the ``compute_XY`` names of the PTX it must contain.
+
+setup.py also fixes ``-std=c++17`` for both compilers, while torch 2.14's headers refuse anything
+before C++20 (``#error C++20 or later compatible compiler is required to use ATen``); CXX_STD (e.g.
+20, what `torch_cxx_standard` reads from the installed torch) replaces it.
 """
 
 from __future__ import annotations
@@ -47,24 +53,44 @@ def gencode_flags(archs: str) -> list[str]:
     return flags
 
 
-def patch_setup_source(source: str, flags: list[str]) -> str:
-    """setup.py's text with its CUDA gencode list replaced by `flags` (HIP builds untouched)."""
+def patch_setup_source(source: str, flags: list[str], cxx_std: int | None = None) -> str:
+    """setup.py's text with its CUDA gencode list replaced by `flags` (HIP builds untouched) and,
+    given `cxx_std`, its fixed C++ standard replaced by that one."""
     if source.count(PATCH_ANCHOR) != 1:
         raise ValueError("mamba-ssm's setup.py changed: the gencode patch point is gone")
     patch = f"    if not HIP_BUILD:\n        cc_flag = {flags!r}\n"
-    return source.replace(PATCH_ANCHOR, patch + PATCH_ANCHOR)
+    patched = source.replace(PATCH_ANCHOR, patch + PATCH_ANCHOR)
+    if cxx_std is not None:
+        if '"-std=c++17"' not in patched:
+            raise ValueError("mamba-ssm's setup.py changed: no -std=c++17 to replace")
+        patched = patched.replace('"-std=c++17"', f'"-std=c++{cxx_std}"')
+    return patched
+
+
+def torch_cxx_standard(aten_header: str) -> int:
+    """The C++ standard torch's headers demand (ATen/ATen.h's `#error C++NN or later ...`)."""
+    match = re.search(r"C\+\+(\d+) or later", aten_header)
+    return int(match[1]) if match else 17
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
-        print("usage: mamba_gencode.py ARCHS [SETUP_PY]", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "--ptx":
+        try:
+            print(" ".join(f"compute_{sm}" for sm, with_ptx in parse_archs(argv[1]) if with_ptx))
+        except ValueError as error:
+            print(f"mamba_gencode.py: {error}", file=sys.stderr)
+            return 2
+        return 0
+    if len(argv) not in (1, 2, 3):
+        print("usage: mamba_gencode.py ARCHS [SETUP_PY [CXX_STD]]", file=sys.stderr)
         return 2
     archs = argv[0]
     try:
         flags = gencode_flags(archs)
-        if len(argv) == 2:
+        if len(argv) >= 2:
             setup_py = Path(argv[1])
-            patched = patch_setup_source(setup_py.read_text(encoding="utf-8"), flags)
+            cxx_std = int(argv[2]) if len(argv) == 3 else None
+            patched = patch_setup_source(setup_py.read_text(encoding="utf-8"), flags, cxx_std)
             setup_py.write_text(patched, encoding="utf-8")
     except ValueError as error:
         print(f"mamba_gencode.py: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -35,6 +36,8 @@ def load_script(name: str) -> ModuleType:
 
 mamba_gencode = load_script("mamba_gencode")
 fetch_face_weights = load_script("fetch_face_weights")
+fatbin_archs = load_script("fatbin_archs")
+cuda_toolkit = load_script("cuda_toolkit")
 
 
 # -- mamba-ssm's gencode patch -------------------------------------------------------------------
@@ -134,6 +137,131 @@ def test_build_script_refuses_cpu_torch(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_cxx_standard_follows_what_the_torch_headers_demand(mamba_setup_source) -> None:
+    """torch 2.14's ATen.h refuses C++17, which mamba-ssm's setup.py fixes for both compilers (the
+    first CUDA image build failed on it): the standard is read from the installed torch's header
+    and replaces every -std=c++17; without one, setup.py keeps its own."""
+    from torch.utils.cpp_extension import include_paths
+
+    installed = (Path(include_paths()[0]) / "ATen" / "ATen.h").read_text()
+    assert mamba_gencode.torch_cxx_standard(installed) >= 17
+    cuda_2_14 = "#error C++20 or later compatible compiler is required to use ATen."
+    assert mamba_gencode.torch_cxx_standard(cuda_2_14) == 20
+    flags = mamba_gencode.gencode_flags("9.0")
+    patched = mamba_gencode.patch_setup_source(mamba_setup_source, flags, 20)
+    assert "-std=c++17" not in patched and patched.count('"-std=c++20"') == mamba_setup_source.count(
+        '"-std=c++17"'
+    )
+    assert mamba_gencode.patch_setup_source(mamba_setup_source, flags).count('"-std=c++17"') > 0
+
+
+def test_ptx_names_are_listed_only_where_asked() -> None:
+    done = subprocess.run(
+        [sys.executable, DOCKER / "mamba_gencode.py", "--ptx", SHIPPED_ARCHS], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.split() == ["compute_90"]
+
+
+# -- the GPU code a library holds (cuobjdump is in no PyPI wheel) ---------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile a real fat binary")
+@pytest.mark.parametrize(
+    ("gencode", "expected"),
+    [
+        (["-gencode", "arch=compute_80,code=sm_80"], {"sm_80"}),
+        (
+            ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"],
+            {"sm_80", "sm_90", "compute_90"},
+        ),
+    ],
+)
+def test_fatbin_archs_reads_what_nvcc_compiled(tmp_path, gencode, expected) -> None:
+    """A real kernel library compiled by nvcc (no GPU needed): the architectures asked for, and no
+    others, are read back from its fat binary."""
+    source = tmp_path / "kernel.cu"
+    source.write_text(
+        "__global__ void add(float* x) { x[threadIdx.x] += 1.0f; }\n"
+        "void launch(float* x) { add<<<1, 32>>>(x); }\n"
+    )
+    library = tmp_path / "kernel.so"
+    subprocess.run(["nvcc", "-shared", "-Xcompiler", "-fPIC", *gencode, source, "-o", library], check=True)
+    assert fatbin_archs.archs(fatbin_archs.fatbin_section(library.read_bytes())) == expected
+    done = subprocess.run(
+        [sys.executable, DOCKER / "fatbin_archs.py", library], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.split() == sorted(expected)
+
+
+def test_fatbin_archs_refuses_a_library_without_gpu_code(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, DOCKER / "fatbin_archs.py", sys.executable], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "no .nv_fatbin section" in done.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not an ELF file")
+    with pytest.raises(fatbin_archs.NotAFatBinary):
+        fatbin_archs.fatbin_section(text.read_bytes())
+
+
+# -- nvcc from NVIDIA's wheels (the CUDA image's compiler) -----------------------------------------
+
+# torch 2.14.1's CUDA wheel, as its METADATA lists it (Linux markers dropped).
+CUDA_TORCH_REQUIREMENTS = [
+    "filelock",
+    "cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.3",
+    "nvidia-cudnn-cu13==9.24.0.43",
+    "triton~=3.8.0",
+]
+
+
+def test_the_compiler_wheels_match_the_cuda_toolkit_torch_requires(monkeypatch) -> None:
+    monkeypatch.setattr(cuda_toolkit, "_torch_requirements", lambda: CUDA_TORCH_REQUIREMENTS)
+    assert cuda_toolkit.requirement() == "cuda-toolkit[nvcc,cccl]==13.0.3"
+    # Only what torch does not need itself goes once the kernel is built.
+    assert cuda_toolkit.compile_only_distributions() == list(cuda_toolkit.COMPILE_ONLY)
+    monkeypatch.setattr(
+        cuda_toolkit, "_torch_requirements", lambda: [*CUDA_TORCH_REQUIREMENTS, "nvidia-nvvm"]
+    )
+    assert "nvidia-nvvm" not in cuda_toolkit.compile_only_distributions()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch has a toolkit version")
+def test_the_compiler_requirement_refuses_cpu_torch() -> None:
+    with pytest.raises(SystemExit, match="CPU build"):
+        cuda_toolkit.requirement()
+
+
+def test_cuda_home_links_are_made_for_nvcc_and_removed_after(tmp_path) -> None:
+    """The layout NVIDIA's wheels install (site-packages/nvidia/cu13/{bin,include,lib}) gets the
+    links a CUDA_HOME has, which nvcc.profile and torch's cpp_extension use, and loses them again."""
+    home = tmp_path / "nvidia" / "cu13"
+    for folder in ("bin", "include", "lib", "nvvm/bin"):
+        (home / folder).mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "include" / "cuda_runtime.h").write_text("")
+    (home / "lib" / "libcudart.so.13").write_text("")
+    before = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+
+    assert cuda_toolkit.make_home(home) == home
+    target = (
+        home / "targets" / cuda_toolkit._TARGET_DIRS.get(os.uname().machine, f"{os.uname().machine}-linux")
+    )
+    assert (home / "lib64" / "libcudart.so.13").is_file()
+    assert (target / "include" / "cuda_runtime.h").is_file() and (
+        target / "lib" / "libcudart.so.13"
+    ).is_file()
+    assert os.readlink(home / "lib" / "libcudart.so") == "libcudart.so.13"
+
+    cuda_toolkit.remove_links(home)
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == before
+
+
+def test_cuda_home_needs_nvcc(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="nvcc"):
+        cuda_toolkit.make_home(tmp_path)
+
+
 # -- face-alignment weights ----------------------------------------------------------------------
 
 
@@ -192,6 +320,31 @@ def test_fetch_deletes_a_download_whose_digest_does_not_match(file_server, tmp_p
     with pytest.raises(RuntimeError, match="does not start with 0123456789"):
         fetch_face_weights.fetch(f"{base}/net-0123456789.pth", dest)
     assert list(dest.iterdir()) == []
+
+
+def test_weights_are_taken_from_a_local_folder_held_to_their_digests(tmp_path, monkeypatch) -> None:
+    """`--from DIR` (the face-weights-src stage) where the download host cannot be reached: files
+    found there are copied when their digest matches their name, refused when not; a file missing
+    there would be downloaded."""
+    payloads = {name: os.urandom(2**20 + 3) for name in ("s3fd", "2DFAN-4")}
+    source = tmp_path / "source"
+    source.mkdir()
+    urls = {}
+    for name, payload in payloads.items():
+        file_name = f"{name}-{hashlib.sha256(payload).hexdigest()[:10]}.pth"
+        (source / file_name).write_bytes(payload)
+        urls[name] = f"http://unreachable.invalid/{file_name}"
+    monkeypatch.setattr(fetch_face_weights, "FACE_ALIGNMENT_WEIGHTS", urls)
+    monkeypatch.setattr(fetch_face_weights, "fetch", lambda *a: pytest.fail("downloaded a local file"))
+    dest = tmp_path / "checkpoints"
+    assert fetch_face_weights.main([str(dest), "--from", str(source)]) == 0
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {
+        p.name: p.read_bytes() for p in source.iterdir()
+    }
+
+    (source / urls["s3fd"].rsplit("/", 1)[-1]).write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="does not start with"):
+        fetch_face_weights.main([str(tmp_path / "again"), "--from", str(source)])
 
 
 # -- health check --------------------------------------------------------------------------------
