@@ -14,6 +14,7 @@ no-face path (as this benchmark did before issue 24, on a squashed photo dlib fo
     python bench/stream_load.py --fps 5,15 --streams 1                  # latency, one stream
     python bench/stream_load.py --fps 5 --streams 1,2,4                 # concurrent streams
     python bench/stream_load.py --url http://host:8000 --fps 5 --streams 8
+    python bench/stream_load.py --server-args "--stream-detect-every 30"   # a server setting changed
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -123,6 +125,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", args.device,
                "--log-level", "warning", "--stream-max-fps", "60"]  # fmt: skip
+    command += shlex.split(args.server_args)
     env = os.environ | {"PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--max-p95-ms", type=float, default=250.0)
+    parser.add_argument("--server-args", default="", help="more `fermam serve` flags for the started server")
     args = parser.parse_args()
     clips = []
     for name in PHOTOS:
@@ -160,6 +164,7 @@ def main() -> None:
     print(
         f"machine: {cpu_model()}, {os.cpu_count()} cores; model {card['version']} {card['dtype']} on"
         f" {card['device']}, faces {card['face_backend']}; load average {os.getloadavg()[0]:.1f} at start"
+        + (f"; server flags {args.server_args}" if args.server_args else "")
     )
     print(
         "streams  fps  sent  answered  dropped  errors  faces%  tracks/people  p50_ms  p95_ms  mean_ms  holds"
