@@ -11,7 +11,8 @@
 # official image has them); (3) an image holding the torch wheel from this machine's disk (for
 # `cuda`: the CUDA torch wheel, every wheel it depends on, and nvcc's wheels); (4) the Dockerfile
 # built with those as build arguments and the CA bundle as a BuildKit secret; (5) the container
-# started with --network none until /readyz answers 200 (the models load offline); (6) started
+# started with --network none until /readyz answers 200 (the models load offline), then the
+# sample photo posted from inside it (one face); (6) started
 # again on the host network: /readyz, a real photo through /v1/expressions, /metrics, the
 # non-root user, the HEALTHCHECK turning healthy, and SIGTERM exiting 0 within the drain timeout.
 # The CUDA image runs here with FERMAM_DEVICE=cpu (no GPU); (7) it also reports, from inside the
@@ -185,6 +186,16 @@ log "run with --network none"
 "$docker" run -d --name fermam-offline --network none "${run_env[@]}" "$image" >/dev/null
 ready_s=$(wait_ready fermam-offline 300)
 log "offline: /readyz 200 after $ready_s s with no network (models loaded from the image)"
+# The sample photo the image holds, posted from inside the container (nothing reaches it from outside).
+offline_answer=$("$docker" exec fermam-offline python -c '
+import httpx
+photo = open("/opt/fermam/grace_hopper.jpg", "rb").read()
+answer = httpx.post("http://127.0.0.1:8000/v1/expressions", files={"files": ("grace_hopper.jpg", photo)}, timeout=120)
+faces = answer.json()["images"][0]["faces"] if answer.status_code == 200 else None
+assert faces and len(faces) == 1, (answer.status_code, answer.text[:300])
+print("1 face,", faces[0]["expression"])
+') || fail "offline: the sample photo was not answered: $offline_answer"
+log "offline: grace_hopper.jpg through /v1/expressions inside the container: $offline_answer"
 "$docker" rm -f fermam-offline >/dev/null
 
 # -- (6) host network ----------------------------------------------------------------------------
