@@ -103,7 +103,7 @@ def remove_links(home: Path) -> None:
 
 def compile_only_distributions() -> list[str]:
     """The compiler's wheels, less any that torch itself depends on."""
-    needed = " ".join(_torch_requirements()).lower()
+    needed = {re.match(r"[A-Za-z0-9._-]+", line)[0].lower() for line in _torch_requirements()}
     return [name for name in COMPILE_ONLY if name not in needed]
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import sys
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 # face_alignment 1.5.0: detection/sfd/sfd_detector.py models_urls["s3fd"] and
 # api.py models_urls["2DFAN-4"].
@@ -42,35 +42,34 @@ def expected_sha256_prefix(url: str) -> str:
     return match[1]
 
 
-def fetch(url: str, dest_dir: Path) -> Path:
-    """Download `url` into `dest_dir` under its own name; verify its digest prefix."""
+def _save_verified(source: BinaryIO, url: str, dest_dir: Path, label: str) -> Path:
+    """Write `source` into `dest_dir` under the name in `url`, held to the digest prefix in that
+    name: a mismatch leaves nothing behind."""
     target = dest_dir / url.rsplit("/", 1)[-1]
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=120) as response, partial.open("wb") as out:
-        while chunk := response.read(_CHUNK):
+    with partial.open("wb") as out:
+        while chunk := source.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
     prefix = expected_sha256_prefix(url)
     if not digest.hexdigest().startswith(prefix):
         partial.unlink()
-        raise RuntimeError(f"{url}: SHA-256 {digest.hexdigest()} does not start with {prefix}")
+        raise RuntimeError(f"{label}: SHA-256 {digest.hexdigest()} does not start with {prefix}")
     partial.rename(target)
     return target
 
 
+def fetch(url: str, dest_dir: Path) -> Path:
+    """Download `url` into `dest_dir` under its own name; verify its digest prefix."""
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return _save_verified(response, url, dest_dir, url)
+
+
 def copy_verified(source: Path, url: str, dest_dir: Path) -> Path:
     """Copy a local copy of `url`'s file into `dest_dir`, held to the digest prefix in its name."""
-    digest = hashlib.sha256()
     with source.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    prefix = expected_sha256_prefix(url)
-    if not digest.hexdigest().startswith(prefix):
-        raise RuntimeError(f"{source}: SHA-256 {digest.hexdigest()} does not start with {prefix}")
-    target = dest_dir / source.name
-    shutil.copyfile(source, target)
-    return target
+        return _save_verified(handle, url, dest_dir, str(source))
 
 
 def main(argv: list[str]) -> int:

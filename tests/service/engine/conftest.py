@@ -18,3 +18,18 @@ def dlib_backend():
     from service.engine.faces import create_face_backend
 
     return create_face_backend("dlib", upsample=1, min_face_size=0)
+
+
+@pytest.fixture
+def detect_calls(engine, monkeypatch) -> list[int]:
+    """How often the module's engine runs its full face detector: calls[0], counted from now."""
+    calls = [0]
+    backend = engine.face_backend
+    detect = backend.detect
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "detect", counted)
+    return calls

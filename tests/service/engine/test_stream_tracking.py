@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from media_clips import jpeg, letterboxed_frames  # noqa: E402
+from photo_truth import box_iou, normalised_landmark_error  # noqa: E402
 
 from service.engine.pipeline import RequestOptions  # noqa: E402
 from service.engine.stream import StreamLimits, StreamOptions, StreamSession, TrackingPolicy  # noqa: E402
@@ -64,34 +65,13 @@ def run_session(engine, frames: list[bytes], policy: TrackingPolicy) -> list[dic
     return [m for m in sent if m["type"] == "result"]
 
 
-def count_detections(engine, monkeypatch) -> list[int]:
-    calls = [0]
-    backend = engine.face_backend
-    detect = backend.detect
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return detect(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "detect", counted)
-    return calls
+def xywh(box: dict) -> tuple[float, float, float, float]:
+    """A reply's box as the (x, y, w, h) tuple photo_truth.box_iou takes."""
+    return box["x"], box["y"], box["width"], box["height"]
 
 
-def nme(a: list, b: list) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b, axis=1).mean() / np.linalg.norm(b[36] - b[45]))
-
-
-def box_iou(a: dict, b: dict) -> float:
-    left, top = max(a["x"], b["x"]), max(a["y"], b["y"])
-    right = min(a["x"] + a["width"], b["x"] + b["width"])
-    bottom = min(a["y"] + a["height"], b["y"] + b["height"])
-    inter = max(0.0, right - left) * max(0.0, bottom - top)
-    return inter / (a["width"] * a["height"] + b["width"] * b["height"] - inter)
-
-
-def test_followed_faces_skip_the_detector_and_reuse_unchanged_scores(engine, clips, monkeypatch) -> None:
-    calls = count_detections(engine, monkeypatch)
+def test_followed_faces_skip_the_detector_and_reuse_unchanged_scores(engine, clips, detect_calls) -> None:
+    calls = detect_calls
     results = run_session(engine, clips["two_people.jpg"], TrackingPolicy(detect_every=4, classify_every=3))
     assert len(results) == FRAMES
     assert all(len(r["faces"]) == 2 for r in results)
@@ -126,11 +106,12 @@ def test_tracked_answers_agree_with_the_per_frame_pipeline(engine, clips) -> Non
         for t, f in zip(tracked, full, strict=True):
             assert len(t["faces"]) == len(f["faces"]) == people, (name, t["frame_id"])
             for face in f["faces"]:
-                twin = max(t["faces"], key=lambda g: box_iou(g["box"], face["box"]))
-                assert box_iou(twin["box"], face["box"]) > 0.5
+                twin = max(t["faces"], key=lambda g: box_iou(xywh(g["box"]), xywh(face["box"])))
+                assert box_iou(xywh(twin["box"]), xywh(face["box"])) > 0.5
                 agree += twin["expression"] == face["expression"]
                 total += 1
-                errors.append(nme(twin["landmarks"], face["landmarks"]))
+                found, reference = np.asarray(twin["landmarks"]), np.asarray(face["landmarks"])
+                errors.append(normalised_landmark_error(found, reference))
     assert agree >= 0.95 * total, f"{agree} of {total} faces agree"
     assert float(np.mean(errors)) <= MAX_MEAN_NME, errors
 

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from media_clips import grey_clip, letterboxed_frames, make_clip  # noqa: E402
+from photo_truth import box_iou, normalised_landmark_error  # noqa: E402
 
 from service.engine.batcher import DeadlineExceeded  # noqa: E402
 from service.engine.pipeline import RequestOptions  # noqa: E402
@@ -59,31 +60,6 @@ def points_by_frame(result: VideoResult) -> dict[int, list]:
     return out
 
 
-def count_detections(engine, monkeypatch) -> list[int]:
-    calls = [0]
-    backend = engine.face_backend
-    detect = backend.detect
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return detect(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "detect", counted)
-    return calls
-
-
-def box_iou(a, b) -> float:
-    left, top = max(a[0], b[0]), max(a[1], b[1])
-    right, bottom = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, right - left) * max(0.0, bottom - top)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
-def nme(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b, axis=1).mean() / np.linalg.norm(b[36] - b[45]))
-
-
 @pytest.mark.slow
 def test_a_tracked_timeline_agrees_with_the_per_frame_path(engine, clips) -> None:
     agree = total = 0
@@ -104,13 +80,14 @@ def test_a_tracked_timeline_agrees_with_the_per_frame_path(engine, clips) -> Non
                 assert box_iou(twin.face.box, point.face.box) > 0.5
                 agree += twin.face.expression == point.face.expression
                 total += 1
-                errors.append(nme(twin.face.landmarks, point.face.landmarks))
+                found, reference_points = np.asarray(twin.face.landmarks), np.asarray(point.face.landmarks)
+                errors.append(normalised_landmark_error(found, reference_points))
     assert agree >= 0.95 * total, f"{agree} of {total} faces agree"
     assert float(np.mean(errors)) <= MAX_MEAN_NME, errors
 
 
-def test_a_tracked_video_skips_the_detector_on_followed_frames(engine, clips, monkeypatch) -> None:
-    calls = count_detections(engine, monkeypatch)
+def test_a_tracked_video_skips_the_detector_on_followed_frames(engine, clips, detect_calls) -> None:
+    calls = detect_calls
     result = analyse(engine, clips["two_people.jpg"])
     assert result.tracked and result.frames_sampled == 20
     # Frames 0 and 15 detected (detect_every 15), one more for a failed fit; 20 without tracking.
@@ -125,9 +102,9 @@ def test_a_tracked_video_skips_the_detector_on_followed_frames(engine, clips, mo
                 assert point.face.scores == before.face.scores
 
 
-def test_below_the_threshold_every_sampled_frame_is_detected(engine, clips, monkeypatch) -> None:
+def test_below_the_threshold_every_sampled_frame_is_detected(engine, clips, detect_calls) -> None:
     assert engine.settings.video_track_min_fps == FPS
-    calls = count_detections(engine, monkeypatch)
+    calls = detect_calls
     result = analyse(engine, clips["obama.jpg"], fps=2.0)
     assert not result.tracked and result.frames_followed == 0
     assert result.frames_sampled == 8 and calls[0] == 8
